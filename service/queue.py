@@ -203,7 +203,7 @@ def reset_connection() -> None:
 def queue_name() -> str:
     from service.settings import get_settings
 
-    return str(get_settings().queue)
+    return get_settings().queue_name
 
 
 def get_queue(connection: redis.Redis | None = None) -> Queue:
