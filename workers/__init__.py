@@ -1,0 +1,1 @@
+"""RQ workers: run one afif job per RQ task, publish progress, reconcile lost jobs."""
