@@ -232,6 +232,7 @@ class Client:
         name: str | None = None,
         scope: Sequence[str] | None = None,
         weights: Mapping[str, torch.Tensor] | bytes | str | Path | None = None,
+        input_shape: Sequence[int] | None = None,
     ) -> Any:
         """Upload a model; return its `ModelPublic`.
 
@@ -239,7 +240,8 @@ class Client:
         to the engine's architecture JSON and safetensors), or an architecture dict
         {"layers": [...]} together with `weights` (tensors, safetensors bytes or a path).
         `regularizer` is {"kind": "l2", "strength": λ, "exclude": [...]}; λ multiplies
-        the penalty in L(θ) = mean loss + λ π(θ).
+        the penalty in L(θ) = mean loss + λ π(θ). `input_shape` (one row, no batch
+        dim) is recorded in the architecture when the layers cannot imply it (CNNs).
         """
         from client import convert
 
@@ -249,7 +251,7 @@ class Client:
             architecture = dict(module_or_spec)
             blob = convert.weights_bytes(weights)
         else:
-            architecture = convert.architecture_of(module_or_spec)
+            architecture = convert.architecture_of(module_or_spec, input_shape)
             blob = convert.module_bytes(module_or_spec)
         spec: dict[str, Any] = {
             "name": name or "model",

@@ -8,7 +8,7 @@ the module's state-dict names ("0.weight", "0.bias", ...).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,12 @@ from safetensors.torch import save as st_save
 logger = logging.getLogger(__name__)
 
 
-def architecture_of(module: torch.nn.Module) -> dict[str, Any]:
+def architecture_of(
+    module: torch.nn.Module, input_shape: Sequence[int] | None = None
+) -> dict[str, Any]:
     """The engine's architecture dict for a `torch.nn.Sequential` of supported layers.
+
+    `input_shape` is one input row's shape without the batch dimension, e.g. (1, 8, 8).
 
     Raises `engine.errors.SpecError` naming the first unsupported layer.
     """
@@ -30,7 +34,8 @@ def architecture_of(module: torch.nn.Module) -> dict[str, Any]:
         raise TypeError(
             f"only torch.nn.Sequential models can be uploaded, got {type(module).__name__}"
         )
-    return dict(engine_architecture_of(module))
+    shape = tuple(int(n) for n in input_shape) if input_shape is not None else None
+    return dict(engine_architecture_of(module, shape))
 
 
 def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
