@@ -17,7 +17,7 @@ from datetime import timedelta
 import redis
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RqJob
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 
 from service import queue
 from service.db import session_scope
@@ -26,6 +26,10 @@ from service.models import Job, utcnow
 from service.settings import get_settings
 
 logger = logging.getLogger(__name__)
+
+# Seconds a queued row may be missing from Redis before we enqueue it again (at most
+# AFIF_STALE_AFTER_SECONDS): the API commits the row first and enqueues right after.
+GRACE_SECONDS = 30.0
 
 
 @dataclass
@@ -56,32 +60,34 @@ def reconcile_once(
                 summary.requeued.append(job.id)
             else:
                 summary.failed.append(job.id)
-                logger.warning("job %s failed for good after %d attempts", job.id, job.attempts)
-
-    # Queued rows that Redis does not know about; the grace period keeps us from racing
-    # an API process that committed a row and is about to enqueue it.
-    with session_scope() as session:
-        cutoff = utcnow() - timedelta(seconds=min(stale_after, 30.0))
-        rows = session.scalars(
-            select(Job.id).where(
-                Job.status == "queued",
-                or_(Job.enqueue_failed.is_(True), Job.created_at < cutoff),
-            )
-        ).all()
-    for job_id in list(summary.requeued) + [j for j in rows if j not in summary.requeued]:
-        if job_id in summary.requeued or not _waiting_in_redis(job_id):
-            try:
-                queue.enqueue_job(job_id)
-            except redis.RedisError:
-                logger.warning("could not enqueue job %s; will retry", job_id, exc_info=True)
-                continue
-            with session_scope() as session:
-                session.execute(
-                    update(Job).where(Job.id == job_id).values(enqueue_failed=False)
+                logger.warning(
+                    "job %s given up (failed or cancelled) after %d attempt(s)",
+                    job.id, job.attempts,
                 )
-                session.commit()
-            if job_id not in summary.requeued:
-                summary.enqueued.append(job_id)
+
+    # Queued rows not on the queue: flagged ones (a failed enqueue, or the requeues just
+    # above), and old ones Redis does not hold (it lost its data, or a worker died between
+    # taking the id and claiming the row). The grace period keeps us from racing an API
+    # process that has committed a row and is about to enqueue it.
+    with session_scope() as session:
+        flagged = [job.id for job in domain.find_unenqueued_jobs(session)]
+        cutoff = utcnow() - timedelta(seconds=min(stale_after, GRACE_SECONDS))
+        old = session.scalars(
+            select(Job.id).where(Job.status == "queued", Job.created_at < cutoff)
+        ).all()
+    candidates = flagged + [job_id for job_id in old if job_id not in flagged]
+    for job_id in candidates:
+        if job_id not in flagged and _waiting_in_redis(job_id):
+            continue
+        try:
+            queue.enqueue_job(job_id)
+        except redis.RedisError:
+            logger.warning("could not enqueue job %s; will retry", job_id, exc_info=True)
+            continue
+        with session_scope() as session:
+            domain.mark_enqueued(session, job_id)
+        if job_id not in summary.requeued:
+            summary.enqueued.append(job_id)
 
     if summary:
         logger.info(

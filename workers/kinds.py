@@ -1,0 +1,127 @@
+"""One table from job kind to engine task: how a job's params become engine arguments.
+
+Each runner takes the job's validated params, the loaded inputs and a progress callback,
+and returns the engine's TaskResult plus the training rows a new model forgets (None
+when the job makes no model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.errors import SpecError
+from engine.results import TaskResult
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class Inputs:
+    """What a job computes on: the model's Problem (training set inside) and extra data.
+
+    test_X / test_y: the attribution test set (rows selected by `test_indices`).
+    sensitive: (n,) group labels of the training rows, for fairness.
+    """
+
+    problem: Any
+    test_X: np.ndarray | None = None
+    test_y: np.ndarray | None = None
+    sensitive: np.ndarray | None = None
+
+
+@dataclass
+class KindOutcome:
+    result: TaskResult
+    removed: list[int] | None
+
+
+def _solver_args(params: Any) -> dict[str, Any]:
+    return {
+        "method": params.method,
+        "solver": params.solver,
+        "solver_options": dict(params.solver_options) or None,
+    }
+
+
+def run_unlearning(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutcome:
+    """Remove `params.remove` from the training set; the new model forgets those rows."""
+    result = engine_tasks().unlearn(
+        inputs.problem,
+        list(params.remove),
+        refine_steps=params.refine_steps,
+        progress=progress,
+        **_solver_args(params),
+    )
+    return KindOutcome(result, removed=sorted(int(i) for i in params.remove))
+
+
+def run_attribution(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutcome:
+    """Removal-convention scores of every training row on the mean test loss."""
+    if inputs.test_X is None or inputs.test_y is None:
+        raise SpecError("test_dataset_id: an attribution job needs a test dataset")
+    result = engine_tasks().attribute(
+        inputs.problem,
+        _tensor(inputs.test_X),
+        _tensor(inputs.test_y),
+        top_k=params.top_k,
+        progress=progress,
+        **_solver_args(params),
+    )
+    return KindOutcome(result, removed=None)
+
+
+def run_fairness(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutcome:
+    """Fairness influence; with `unlearn`, the rows removed make a new model."""
+    if inputs.sensitive is None:
+        raise SpecError("dataset_id: a fairness job needs a dataset with a 'sensitive' column")
+    result = engine_tasks().fairness(
+        inputs.problem,
+        _tensor(inputs.sensitive),
+        metric=params.metric,
+        unlearn=params.unlearn,
+        policy=params.policy,
+        max_fraction=params.max_fraction,
+        max_accuracy_drop=params.max_accuracy_drop,
+        progress=progress,
+        **_solver_args(params),
+    )
+    removed = None
+    if params.unlearn and result.parameters is not None:
+        removed = sorted(int(i) for i in result.values.get("removed", []))
+    return KindOutcome(result, removed=removed)
+
+
+def run_cv(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutcome:
+    """Approximate leave-k-out cross-validation."""
+    result = engine_tasks().cross_validate(
+        inputs.problem,
+        k=params.k,
+        folds=params.folds,
+        seed=params.seed,
+        progress=progress,
+        **_solver_args(params),
+    )
+    return KindOutcome(result, removed=None)
+
+
+RUNNERS: dict[str, Callable[[Any, Inputs, ProgressFn], KindOutcome]] = {
+    "unlearning": run_unlearning,
+    "attribution": run_attribution,
+    "fairness": run_fairness,
+    "cv": run_cv,
+}
+
+
+def engine_tasks() -> Any:
+    import engine.tasks
+
+    return engine.tasks
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
