@@ -185,8 +185,13 @@ class CurvatureOperator:
         return MinibatchOperator(self, batch_size, seed)
 
     def dense(self, chunk: int = 64) -> Tensor:
-        """The d × d matrix of C, by products with identity columns (small d only)."""
-        return dense_matrix(self, chunk)
+        """The d × d matrix of C (small d only): the Fisher from per-row Jacobians, the
+        Hessian by products with identity columns."""
+        if self.kind == "hessian":
+            return dense_matrix(self, chunk)
+        data = dense_fisher(self.problem, self.indices)
+        return data + torch.diag(self._extra(torch.ones(self.d, dtype=self.dtype,
+                                                        device=self.device)))
 
 
 class MinibatchOperator:
@@ -265,6 +270,35 @@ def dense_matrix(op: LinearOperator | Callable[[Tensor], Tensor], chunk: int = 6
     cols = [matvec(eye[:, s:s + chunk]) for s in range(0, d, chunk)]
     mat = torch.cat(cols, dim=1)
     return 0.5 * (mat + mat.T)
+
+
+def output_jacobians(problem: Problem, idx: Tensor) -> Tensor:
+    """J_i = ∂f(x_i)/∂θ for the rows idx, (b, K, d), by reverse mode per output."""
+    params = problem.params()
+
+    def one(x: Tensor) -> dict[str, Tensor]:
+        return torch.func.jacrev(lambda p: problem.forward(p, x.unsqueeze(0))[0])(params)
+
+    jac = torch.func.vmap(one)(problem.X[idx])
+    b = int(idx.shape[0])
+    return torch.cat([jac[n].reshape(b, problem.out_dim, -1) for n in problem.names], dim=2)
+
+
+def dense_fisher(problem: Problem, indices: Tensor | None = None) -> Tensor:
+    """F = (1/n) Σ_i J_iᵀ Λ_i J_i as a d × d matrix (no penalty), from per-row Jacobians."""
+    rows = problem.n if indices is None else int(indices.shape[0])
+    per_row = problem.out_dim * problem.d * 3
+    chunk = max(1, min(problem.batch_size, 20_000_000 // max(per_row, 1)))
+    total = torch.zeros(problem.d, problem.d, dtype=problem.dtype, device=problem.device)
+    for idx in problem.batches(indices, chunk):
+        J = output_jacobians(problem, idx)
+        with torch.no_grad():
+            f = problem.forward(None, problem.X[idx])
+        # Λ acts on the output axis: move it last, broadcast f over the d columns.
+        LJ = problem.family.curvature(f.unsqueeze(1), J.transpose(1, 2)).transpose(1, 2)
+        total += torch.einsum("bkd,bke->de", J, LJ)
+    total /= rows
+    return 0.5 * (total + total.T)
 
 
 def power_iteration(op: LinearOperator, iters: int = 100, tol: float = 1e-3, seed: int = 0
