@@ -1,0 +1,79 @@
+"""The client half of the `afif` command, run in-process against the real stack."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from client_fixtures import Registered
+
+from client.cli import EXIT_API, EXIT_JOB_FAILED, EXIT_OK, main, parse_params
+from client.stack import LocalStack
+
+
+def _run(stack: LocalStack, capsys: pytest.CaptureFixture[str], *argv: str
+         ) -> tuple[int, str, str]:
+    code = main([*argv, "--url", stack.url, "--key", stack.key])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_parse_params_reads_json_values() -> None:
+    got = parse_params('{"folds": 3, "seed": 1}', ["seed=2", "remove=[1,2]", "method=fisher",
+                                                   "unlearn=true"])
+    assert got == {"folds": 3, "seed": 2, "remove": [1, 2], "method": "fisher",
+                   "unlearn": True}
+    with pytest.raises(ValueError):
+        parse_params(None, ["novalue"])
+
+
+def test_lists_as_json(stack: LocalStack, registered: Registered,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(stack, capsys, "models", "list", "--output", "json")
+    assert code == EXIT_OK
+    assert registered.model.id in {m["id"] for m in json.loads(out)}
+    code, out, _ = _run(stack, capsys, "datasets", "show", registered.train.id)
+    assert code == EXIT_OK and registered.train.id in out and "n_rows" in out
+
+
+def test_submit_wait_result(stack: LocalStack, registered: Registered,
+                            capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
+    code, out, _ = _run(stack, capsys, "submit", "cv", "--model", registered.model.id,
+                        "--dataset", registered.train.id, "--param", "folds=2",
+                        "--output", "json")
+    assert code == EXIT_OK
+    job = json.loads(out)
+    assert job["kind"] == "cv" and job["params"]["folds"] == 2
+
+    code, out, err = _run(stack, capsys, "jobs", "wait", job["id"])
+    assert code == EXIT_OK and "succeeded" in out
+    code, out, _ = _run(stack, capsys, "jobs", "result", job["id"], "--output", "json")
+    result = json.loads(out)
+    assert code == EXIT_OK and len(result["per_fold"]) == 2
+    assert np.isfinite(result["estimate"])
+
+
+def test_failed_job_exits_non_zero_with_the_server_message(
+    stack: LocalStack, registered: Registered, capsys: pytest.CaptureFixture[str],
+    failing_params: dict[str, object],
+) -> None:
+    code, out, err = _run(stack, capsys, "submit", "unlearning", "--model", registered.model.id,
+                          "--dataset", registered.train.id, "--params",
+                          json.dumps(failing_params), "--wait", "--no-progress")
+    assert code == EXIT_JOB_FAILED
+    assert "failed" in err and "no_such_option" in err
+
+    code, out, _ = _run(stack, capsys, "jobs", "list", "--status", "failed", "--output", "json")
+    failed = json.loads(out)
+    assert code == EXIT_OK and failed and all(j["status"] == "failed" for j in failed)
+    code, _, err = _run(stack, capsys, "jobs", "wait", failed[0]["id"])
+    assert code == EXIT_JOB_FAILED and failed[0]["error"]["message"] in err
+
+
+def test_refused_request_exits_with_the_problem(stack: LocalStack, registered: Registered,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(stack, capsys, "submit", "unlearning", "--model", registered.model.id,
+                        "--dataset", registered.train.id, "--param", "remove=[99999]")
+    assert code == EXIT_API
+    assert "422" in err and "params.remove" in err
