@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 
 # Subcommands served by the client CLI (client/cli.py), passed through verbatim.
 CLIENT_COMMANDS = ("models", "datasets", "jobs", "submit")
-# Seconds `afif up` waits for children after SIGTERM before it kills them.
+# Seconds `afif up` lets a busy worker finish its job after SIGTERM; then a second
+# SIGTERM makes it hand the job back, and after SHUTDOWN_GRACE_SECONDS more it is killed.
+WARM_STOP_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 15.0
 # A worker that dies is restarted, but no more often than this (seconds).
 WORKER_RESTART_BACKOFF_SECONDS = 2.0
@@ -274,18 +276,39 @@ class Supervisor:
         return True
 
     def stop_all(self) -> None:
+        """SIGTERM everyone; a worker busy after WARM_STOP_SECONDS gets a second SIGTERM
+        (it hands its job back to the queue); anyone left after the grace period is killed.
+        """
+        self._signal_all(signal.SIGTERM)
+        self._wait_all(WARM_STOP_SECONDS)
+        if self._signal_all(signal.SIGTERM):
+            logger.info("asked busy workers to hand their jobs back")
+        if not self._wait_all(SHUTDOWN_GRACE_SECONDS):
+            for name, (_, _, process) in self.children.items():
+                if process.poll() is None:
+                    logger.warning("%s ignored SIGTERM; killing it", name)
+                    process.kill()
+                    process.wait()
+
+    def _signal_all(self, signum: int) -> int:
+        count = 0
         for name, (_, _, process) in self.children.items():
             if process.poll() is None:
-                logger.info("stopping %s (pid %d)", name, process.pid)
-                process.terminate()
-        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
-        for name, (_, _, process) in self.children.items():
+                logger.info("sending %s to %s (pid %d)", signal.Signals(signum).name, name,
+                            process.pid)
+                process.send_signal(signum)
+                count += 1
+        return count
+
+    def _wait_all(self, seconds: float) -> bool:
+        """Wait until every child has exited or `seconds` passed; True if all exited."""
+        deadline = time.monotonic() + seconds
+        for _, _, process in self.children.values():
             try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                process.wait(timeout=max(0.01, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.warning("%s ignored SIGTERM; killing it", name)
-                process.kill()
-                process.wait()
+                return False
+        return True
 
 
 def _self_command(*arguments: str) -> list[str]:

@@ -10,8 +10,10 @@ requeues the job, since it never reached a terminal status.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import secrets
 import socket
 
 from rq import SimpleWorker
@@ -21,19 +23,32 @@ from service.queue import get_connection, get_queue
 logger = logging.getLogger(__name__)
 
 
+_chosen_name: str | None = None
+
+
+@functools.cache
 def worker_name() -> str:
-    """A readable, unique-per-process worker name: host.pid."""
-    return f"{socket.gethostname()}.{os.getpid()}"
+    """This process's worker name (`--name`, else host.pid.suffix: readable, and unique
+    even when a restarted container reuses its hostname and pid; RQ refuses a live
+    duplicate). Job rows record it."""
+    return _chosen_name or f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
 
 
 def run_worker(name: str | None = None, burst: bool = False) -> int:
-    """Work the queue until SIGTERM (finish the current job) or, with `burst`, until empty.
+    """Work the queue until SIGTERM or, with `burst`, until it is empty.
+
+    A first SIGTERM lets the current job finish; a second one stops it and hands the
+    job back to the queue (see workers.tasks).
 
     Returns the process exit status.
     """
+    global _chosen_name
+
+    _chosen_name = name
+    worker_name.cache_clear()
     connection = get_connection()
     queue = get_queue(connection)
-    worker = SimpleWorker([queue], connection=connection, name=name or worker_name())
+    worker = SimpleWorker([queue], connection=connection, name=worker_name())
     logger.info("worker %s listening on queue %s", worker.name, queue.name)
 
     # Import torch and the engine before the first job, so its latency is the job's own.
