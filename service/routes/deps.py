@@ -1,0 +1,112 @@
+"""Dependencies shared by the routes: a database session, the caller's tenant, the store,
+and bounded reads of uploads and JSON parts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+from fastapi import Depends, Header, Request
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.orm import Session
+from starlette.datastructures import FormData, UploadFile
+
+from models_store import Store
+from service.auth import authenticate
+from service.errors import BadRequest, InvalidInput, PayloadTooLarge, validation_problem
+from service.models import Tenant
+from service.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
+
+_CHUNK = 1024 * 1024
+# Multipart framing (boundaries, part headers, the JSON parts) on top of the file itself.
+_MULTIPART_SLACK = 1024 * 1024
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session for this request, closed (and rolled back if needed) afterwards."""
+    session: Session = request.app.state.sessions()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def current_tenant(
+    session: Session = Depends(get_session),
+    authorization: str | None = Header(None, description="Bearer <API key>"),
+) -> Tenant:
+    """The tenant that owns the presented API key (401 otherwise)."""
+    return authenticate(session, authorization)
+
+
+async def read_form(request: Request, settings: Settings) -> FormData:
+    """The multipart form, refused with 413 early when Content-Length is over the limit."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > settings.max_upload_bytes + _MULTIPART_SLACK:
+        raise PayloadTooLarge(
+            f"upload of {int(length)} bytes exceeds AFIF_MAX_UPLOAD_BYTES="
+            f"{settings.max_upload_bytes}",
+            field="file",
+        )
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise BadRequest("expected a multipart/form-data body", field="content-type")
+    try:
+        return await request.form(max_files=4, max_fields=8)
+    except Exception as exc:
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+
+
+async def read_file_part(form: FormData, name: str, limit: int, *, required: bool = True) -> bytes:
+    """Bytes of the file part `name`, at most `limit` of them (413 beyond)."""
+    part = form.get(name)
+    if part is None:
+        if required:
+            raise InvalidInput(f"{name}: missing file part", field=name)
+        return b""
+    if not isinstance(part, UploadFile):
+        raise InvalidInput(f"{name}: must be a file part, not a plain field", field=name)
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await part.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"{name}: larger than AFIF_MAX_UPLOAD_BYTES={limit} bytes", field=name
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_part(form: FormData, name: str, schema: type[M], *, required: bool) -> M | None:
+    """Parse the JSON part `name` (a plain field or a file part) against `schema`."""
+    part = form.get(name)
+    if part is None or part == "":
+        if required:
+            raise InvalidInput(f"{name}: missing part", field=name)
+        return None
+    raw: Any = await part.read(1024 * 1024 + 1) if isinstance(part, UploadFile) else part
+    if isinstance(raw, bytes) and len(raw) > 1024 * 1024:
+        raise PayloadTooLarge(f"{name}: a JSON part may be at most 1 MiB", field=name)
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{name}: malformed JSON ({exc})", field=name) from None
+    try:
+        return schema.model_validate(value)
+    except ValidationError as exc:
+        field, detail = validation_problem(list(exc.errors()), prefix=name)
+        raise InvalidInput(detail, field=field) from None
