@@ -200,6 +200,16 @@ def reset_connection() -> None:
     _connection = None
 
 
+def shutdown_embedded() -> None:
+    """Stop the embedded Redis this process started, if any (tests; atexit does it too)."""
+    global _embedded
+
+    reset_connection()
+    if _embedded is not None:
+        _embedded.stop()
+        _embedded = None
+
+
 def queue_name() -> str:
     from service.settings import get_settings
 
