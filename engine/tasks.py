@@ -1,0 +1,649 @@
+"""The engine's tasks: unlearning, attribution, fairness influence and approximate CV.
+
+Every task takes a trained `Problem` (θ̂ = its in-scope parameters, a minimizer of
+L(θ; 1) = (1/n) Σ ℓ_i + λπ), a curvature `method` ("fisher": C = F + λ∇²π + δ, AFIF;
+"hessian": C = H + δ, the infinitesimal jackknife), a `solver` with `solver_options`
+(`damping` δ and the operator `variant` are taken out of them, the rest go to
+`engine.solvers.solve`) and an optional progress(phase, done, total) callback.
+
+Conventions (docs/engine-api.md): removing a set S sets w_i = 0 and keeps the 1/n, so
+θ̃ = θ̂ + (1/n) C⁻¹ Σ_{i∈S} g_i, and a score is the linearized change of an objective
+when the row is removed, (1/n) sᵀ g_i with s = C⁻¹∇T ("removal" convention).
+Non-smooth penalties (l1, elastic net, group lasso) use the proximal form in the
+metric M = F + δ of the data term (AFIF.md §3).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.errors import SpecError
+from engine.objectives import (
+    Objective,
+    accuracy,
+    is_classifier,
+    make_fairness_objective,
+    mean_squared_error,
+)
+from engine.operators import (
+    CurvatureOperator,
+    DenseOperator,
+    curvature_operator,
+    loss_directional_derivatives,
+    mean_gradient,
+)
+from engine.problem import Problem
+from engine.prox import PROX_MAX_ITER, PROX_TOL, fisher_prox
+from engine.results import PhaseTimer, Progress, ProgressFn, TaskResult
+from engine.solvers import solve
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("fisher", "hessian")
+POLICIES = ("auto", "all")
+# Candidate counts tried by the fairness policy "auto" (a geometric grid up to the cap).
+FAIRNESS_GRID_POINTS = 24
+# Largest d for which the proximal step materializes the metric M as a dense matrix;
+# above it the prox runs matrix-free (one pass over the data per iteration).
+DENSE_PROX_MAX_D = 2048
+# Proximal-step iteration caps and relative-step tolerances: dense iterations cost
+# microseconds, so they run to rounding; matrix-free ones use the prox module's defaults.
+PROX_MAX_ITER_DENSE = 50000
+PROX_TOL_DENSE = 1e-13
+PROX_MAX_ITER_MATFREE = PROX_MAX_ITER
+PROX_TOL_MATFREE = PROX_TOL
+# Safety factor on λ_max(M) for the step size 1/L when M is dense (exact eigenvalue).
+PROX_LIPSCHITZ_MARGIN = 1.01
+
+
+# ---------------------------------------------------------------------------------
+# Shared machinery
+
+
+def _rows(problem: Problem, rows: Any, what: str) -> Tensor:
+    """Validate a list of training-row indices: integers in [0, n), no repeats."""
+    arr = np.asarray(rows if rows is not None else [])
+    if arr.ndim != 1:
+        raise SpecError(f"{what} must be a flat list of row indices, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
+            raise SpecError(f"{what} must contain integer row indices")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= problem.n):
+        bad = int(arr[(arr < 0) | (arr >= problem.n)][0])
+        raise SpecError(f"{what} has row index {bad} outside [0, {problem.n})")
+    if np.unique(arr).size != arr.size:
+        raise SpecError(f"{what} repeats a row index")
+    return torch.as_tensor(arr, device=problem.device)
+
+
+def _removal_sum(problem: Problem, rows: Tensor) -> Tensor:
+    """(1/n) Σ_{i∈rows} g_i at θ̂, (d,); zero for no rows."""
+    if rows.numel() == 0:
+        return torch.zeros(problem.d, dtype=problem.dtype, device=problem.device)
+    return mean_gradient(problem, indices=rows) * (rows.numel() / problem.n)
+
+
+def _problem_at(problem: Problem, theta: Tensor) -> Problem:
+    """A copy of the problem with in-scope parameters θ (the original is untouched)."""
+    other = problem.clone()
+    other.set_theta(theta)
+    return other
+
+
+def _stationarity(problem: Problem, weights: Tensor) -> float:
+    """How far the problem's θ is from a minimizer of L(θ; w).
+
+    Smooth penalty: ‖∇L(θ; w)‖. Non-smooth: the norm of the unit-step gradient mapping
+    ‖θ − prox_{λπ}(θ − ∇_data L(θ; w))‖, zero exactly at a minimizer.
+    """
+    grad = mean_gradient(problem, weights=weights)
+    theta = problem.theta()
+    if problem.regularizer.smooth:
+        return float(torch.linalg.norm(grad + problem.reg_grad(theta)))
+    return float(torch.linalg.norm(theta - problem.reg_prox(theta - grad, 1.0)))
+
+
+@dataclass
+class _Curvature:
+    """The method, the solver and its options for one task, plus a log of solves."""
+
+    method: str
+    solver: str
+    damping: float
+    variant: str | None
+    options: dict[str, Any]
+    progress: Progress
+    reports: list[dict[str, Any]]
+    prox_reports: list[dict[str, Any]]
+
+    @classmethod
+    def build(cls, problem: Problem, method: str, solver: str,
+              solver_options: dict[str, Any] | None, progress: Progress) -> _Curvature:
+        if method not in METHODS:
+            raise SpecError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        options = dict(solver_options or {})
+        damping = float(options.pop("damping", 0.0))
+        if not damping >= 0.0 or not math.isfinite(damping):
+            raise SpecError(f"solver_options.damping must be a finite number >= 0, got {damping}")
+        variant = options.pop("variant", None)
+        if not problem.regularizer.smooth and method == "hessian":
+            # Limitation: the proximal step needs a positive semi-definite metric; the
+            # Hessian of a non-convex data term is not, so non-smooth penalties are
+            # served by the Fisher only.
+            raise SpecError(f"regularizer {problem.regularizer.kind} is not smooth: "
+                            "use method='fisher' (proximal Fisher step)")
+        return cls(method, solver, damping, variant, options, progress, [], [])
+
+    def operator(self, problem: Problem, regularized: bool = True) -> CurvatureOperator:
+        """C at the problem's θ: the method's curvature (+ smooth penalty) + δ."""
+        return curvature_operator(problem, self.method, damping=self.damping,
+                                  regularized=regularized, variant=self.variant)
+
+    def solve(self, op: CurvatureOperator, rhs: Tensor, phase: str) -> Tensor:
+        """x = C⁻¹ rhs for rhs (d,) or (d, m); the report is kept for the result."""
+        columns = 1 if rhs.dim() == 1 else rhs.shape[1]
+        self.progress(phase, 0, columns)
+        x, report = solve(op, rhs, solver=self.solver, **self.options)
+        self.reports.append(report.to_dict())
+        self.progress(phase, columns, columns)
+        logger.info("%s solve: %d right-hand side(s), %s", phase, columns, report.to_dict())
+        return x
+
+    def removal_step(self, problem: Problem, sums: Tensor, phase: str = "solve") -> Tensor:
+        """θ̃ for removal sums (1/n) Σ_{i∈S} g_i given as (d,) or (d, m) columns."""
+        theta = problem.theta()
+        if problem.regularizer.smooth:
+            x = self.solve(self.operator(problem), sums, phase)
+            return theta + x if sums.dim() == 1 else theta[:, None] + x
+
+        # Proximal form: v = θ̂ − M⁻¹ b_w with b_w = ∇_data L(θ̂; 1) − sums, then the
+        # prox of λπ in the metric M = F + δ of the data term.
+        metric = self.operator(problem, regularized=False)
+        full = mean_gradient(problem)
+        b_w = full - sums if sums.dim() == 1 else full[:, None] - sums
+        v = (theta if sums.dim() == 1 else theta[:, None]) - self.solve(metric, b_w, phase)
+        result, reports = _metric_prox(problem, metric, v, theta, self.progress)
+        self.prox_reports.extend(reports)
+        return result
+
+    def refine(self, problem: Problem, theta: Tensor, weights: Tensor) -> Tensor:
+        """One (proximal) Newton step of L(·; w) from θ, curvature rebuilt at θ."""
+        at = _problem_at(problem, theta)
+        grad = mean_gradient(at, weights=weights)
+        if problem.regularizer.smooth:
+            step = self.solve(self.operator(at), grad + at.reg_grad(theta), "refine")
+            return theta - step
+        metric = self.operator(at, regularized=False)
+        v = theta - self.solve(metric, grad, "refine")
+        result, reports = _metric_prox(at, metric, v, theta, self.progress)
+        self.prox_reports.extend(reports)
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able description of the curvature and every solve made."""
+        return {"method": self.method, "solver": self.solver, "damping": self.damping,
+                "variant": self.variant, "solves": self.reports,
+                "prox": self.prox_reports[-20:]}
+
+
+def _metric_prox(problem: Problem, metric: CurvatureOperator, v: Tensor, start: Tensor,
+                 progress: Progress) -> tuple[Tensor, list[dict[str, Any]]]:
+    """argmin_θ ½ (θ − v)ᵀ M (θ − v) + λπ(θ) per column of v ((d,) or (d, m)), warm
+    started at `start` (d,), by `engine.prox.fisher_prox`. Small d: M is materialized
+    once so each iteration is dense algebra instead of a pass over the data."""
+    columns = v.unsqueeze(1) if v.dim() == 1 else v
+    op: CurvatureOperator | DenseOperator = metric
+    lipschitz, tol, max_iter = None, PROX_TOL_MATFREE, PROX_MAX_ITER_MATFREE
+    if problem.d <= DENSE_PROX_MAX_D:
+        op = DenseOperator(metric.dense())
+        lipschitz = float(torch.linalg.eigvalsh(op.matrix)[-1]) * PROX_LIPSCHITZ_MARGIN
+        tol, max_iter = PROX_TOL_DENSE, PROX_MAX_ITER_DENSE
+        if not lipschitz > 0:
+            raise SpecError("the proximal step's metric is zero: add damping in solver_options")
+
+    out, reports = [], []
+    for j in range(columns.shape[1]):
+        x, report = fisher_prox(problem, columns[:, j], op=op, x0=start, tol=tol,
+                                max_iter=max_iter, lipschitz=lipschitz)
+        out.append(x)
+        reports.append(report.to_dict())
+        progress("prox", j + 1, columns.shape[1])
+    stacked = torch.stack(out, dim=1)
+    return (stacked[:, 0] if v.dim() == 1 else stacked), reports
+
+
+def _outputs(problem: Problem, X: Tensor, theta: Tensor | None = None) -> Tensor:
+    """Model outputs (m, K) on X at θ (default θ̂), without a graph, batch by batch."""
+    params = None if theta is None else problem.unflatten(theta)
+    with torch.no_grad():
+        return torch.cat([problem.forward(params, X[i:i + problem.batch_size])
+                          for i in range(0, X.shape[0], problem.batch_size)])
+
+
+def objective_gradient(problem: Problem, objective: Objective) -> tuple[float, Tensor]:
+    """T(θ̂) and ∇_θ T(θ̂), (d,): T is differentiated in output space, then each batch's
+    output gradient is pulled back through the model (memory of one batch)."""
+    outputs = _outputs(problem, objective.X).requires_grad_(True)
+    with torch.enable_grad():
+        value = objective.fn(outputs)
+        (grad_out,) = torch.autograd.grad(value, outputs)
+
+    leaves = {n: t.detach().requires_grad_(True) for n, t in problem.params().items()}
+    total = torch.zeros(problem.d, dtype=problem.dtype, device=problem.device)
+    size = problem.batch_size
+    for start in range(0, objective.X.shape[0], size):
+        with torch.enable_grad():
+            f = problem.forward(leaves, objective.X[start:start + size])
+            grads = torch.autograd.grad(f, list(leaves.values()),
+                                        grad_outputs=grad_out[start:start + size],
+                                        allow_unused=True)
+        total += torch.cat([(g if g is not None else torch.zeros_like(leaves[n])).reshape(-1)
+                            for n, g in zip(leaves, grads, strict=True)])
+    return float(value.detach()), total
+
+
+def _point_loss_gradients(problem: Problem, X: Tensor, y: Tensor) -> Tensor:
+    """∇_θ ℓ(x_j, y_j) at θ̂ for each row, as columns (d, m) (vmap of per-row grads)."""
+    params = problem.params()
+
+    def one(x: Tensor, label: Tensor) -> Tensor:
+        def loss(p: dict[str, Tensor]) -> Tensor:
+            f = problem.forward(p, x.unsqueeze(0))
+            return problem.family.loss(f, label.unsqueeze(0))[0]
+
+        return problem.flatten(torch.func.grad(loss)(params))
+
+    size = problem.batch_size
+    rows = [torch.func.vmap(one)(X[i:i + size], y[i:i + size]) for i in range(0, X.shape[0], size)]
+    return torch.cat(rows).T
+
+
+def _scores(problem: Problem, s: Tensor) -> Tensor:
+    """Removal scores (1/n) sᵀ g_i for every training row: (n,) or (n, m) for s (d, m)."""
+    return loss_directional_derivatives(problem, s) / problem.n
+
+
+def _finish(values: dict[str, Any], arrays: dict[str, Tensor | np.ndarray], timer: PhaseTimer,
+            problem: Problem, parameters: dict[str, Tensor] | None = None) -> TaskResult:
+    numpy_arrays = {k: (v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v))
+                    for k, v in arrays.items()}
+    return TaskResult(values=values, arrays=numpy_arrays, parameters=parameters,
+                      timings=dict(timer.timings), device=str(problem.device))
+
+
+# ---------------------------------------------------------------------------------
+# Unlearning
+
+
+def unlearn(
+    problem: Problem,
+    remove: Sequence[int] | np.ndarray | Tensor,
+    method: str = "fisher",
+    solver: str = "auto",
+    solver_options: dict[str, Any] | None = None,
+    refine_steps: int = 0,
+    progress: ProgressFn | None = None,
+) -> TaskResult:
+    """Remove training rows S without retraining: θ̃ = θ̂ + (1/n) C⁻¹ Σ_{i∈S} g_i
+    (proximal form for non-smooth penalties), then `refine_steps` further (proximal)
+    Newton steps on L(θ; w) with w_S = 0, each one gradient pass and one solve.
+
+    parameters: the full new state dict (out-of-scope tensors untouched). values:
+    n_removed, parameter_change_norm ‖θ̃ − θ̂‖, stationarity of L(·; w) at θ̂, after
+    the step and after each refinement (gradient norm, or gradient-mapping norm for
+    non-smooth penalties), and the solver reports.
+    """
+    timer, report = PhaseTimer(), Progress(progress)
+    rows = _rows(problem, remove, "remove")
+    if not isinstance(refine_steps, int) or refine_steps < 0:
+        raise SpecError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
+    curvature = _Curvature.build(problem, method, solver, solver_options, report)
+    weights = torch.ones(problem.n, dtype=problem.dtype, device=problem.device)
+    weights[rows] = 0.0
+    theta_hat = problem.theta()
+
+    with timer.phase("gradient"):
+        report("gradient", 0, 1)
+        sums = _removal_sum(problem, rows)
+        stationarity_before = _stationarity(problem, weights)
+        report("gradient", 1, 1)
+
+    with timer.phase("solve"):
+        theta = curvature.removal_step(problem, sums)
+
+    with timer.phase("diagnostics"):
+        history = [_stationarity(_problem_at(problem, theta), weights)]
+
+    for step in range(refine_steps):
+        with timer.phase("refine"):
+            theta = curvature.refine(problem, theta, weights)
+            history.append(_stationarity(_problem_at(problem, theta), weights))
+        report("refine", step + 1, refine_steps)
+
+    if not bool(torch.isfinite(theta).all()):
+        raise SpecError("unlearning produced non-finite parameters; raise the damping")
+    values = {
+        "n_removed": int(rows.numel()),
+        "removed": rows.cpu().tolist() if rows.numel() <= 1000 else None,
+        "parameter_change_norm": float(torch.linalg.norm(theta - theta_hat)),
+        "refine_steps": refine_steps,
+        "stationarity_before": stationarity_before,
+        "stationarity_after_step": history[0],
+        "stationarity_after": history[-1],
+        "stationarity_history": history,
+        "stationarity_measure": ("gradient_norm" if problem.regularizer.smooth
+                                 else "gradient_mapping_norm"),
+        "proximal": not problem.regularizer.smooth,
+        "curvature": curvature.summary(),
+    }
+    arrays = {"removed": rows}
+    return _finish(values, arrays, timer, problem, problem.state_dict(theta))
+
+
+# ---------------------------------------------------------------------------------
+# Attribution
+
+
+def attribute(
+    problem: Problem,
+    X_test: Any,
+    y_test: Any,
+    top_k: int = 10,
+    method: str = "fisher",
+    solver: str = "auto",
+    solver_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> TaskResult:
+    """Influence of every training row on each test point's loss (one batched solve).
+
+    arrays: scores (n, m), scores[i, j] = predicted change of test loss j (nats) when
+    training row i is removed ("removal" convention); mean_scores (n,), the predicted
+    change of the mean test loss; helpful / harmful (m, top_k): per test point, the
+    rows whose removal raises / lowers its loss most, strongest first (with their
+    scores in helpful_scores / harmful_scores); test_losses (m,).
+    """
+    timer, report = PhaseTimer(), Progress(progress)
+    X = problem.as_inputs(X_test)
+    y = problem.as_labels(y_test)
+    if X.shape[0] == 0 or X.shape[0] != y.shape[0]:
+        raise SpecError(f"X_test has {X.shape[0]} rows and y_test {y.shape[0]}; need equal, > 0")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise SpecError(f"top_k must be a positive integer, got {top_k!r}")
+    k = min(top_k, problem.n)
+    curvature = _Curvature.build(problem, method, solver, solver_options, report)
+
+    with timer.phase("gradient"):
+        report("gradient", 0, 1)
+        gradients = _point_loss_gradients(problem, X, y)
+        test_losses = problem.family.loss(_outputs(problem, X), y)
+        report("gradient", 1, 1)
+
+    with timer.phase("solve"):
+        directions = curvature.solve(curvature.operator(problem), gradients, "solve")
+
+    with timer.phase("scoring"):
+        report("scoring", 0, 1)
+        scores = _scores(problem, directions)
+        report("scoring", 1, 1)
+
+    mean_scores = scores.mean(dim=1)
+    helpful_scores, helpful = torch.topk(scores, k, dim=0, largest=True)
+    harmful_scores, harmful = torch.topk(scores, k, dim=0, largest=False)
+    mean_helpful = torch.topk(mean_scores, k, largest=True).indices
+    mean_harmful = torch.topk(mean_scores, k, largest=False).indices
+    values = {
+        "convention": "removal",
+        "n_train": problem.n,
+        "n_test": int(X.shape[0]),
+        "top_k": k,
+        "mean_test_loss": float(test_losses.mean()),
+        "mean_helpful": mean_helpful.cpu().tolist(),
+        "mean_harmful": mean_harmful.cpu().tolist(),
+        "curvature": curvature.summary(),
+    }
+    arrays = {
+        "scores": scores, "mean_scores": mean_scores, "test_losses": test_losses,
+        "helpful": helpful.T, "helpful_scores": helpful_scores.T,
+        "harmful": harmful.T, "harmful_scores": harmful_scores.T,
+    }
+    return _finish(values, arrays, timer, problem)
+
+
+# ---------------------------------------------------------------------------------
+# Fairness
+
+
+def _utility(problem: Problem, outputs: Tensor) -> float:
+    """Accuracy for classifiers, mean squared error of the predicted mean otherwise."""
+    if is_classifier(problem.family):
+        return accuracy(problem.family, outputs, problem.y)
+    return mean_squared_error(problem.family, outputs, problem.y)
+
+
+def _count_grid(cap: int, points: int) -> list[int]:
+    """Distinct removal counts 1..cap on a geometric grid (always including cap)."""
+    if cap < 1:
+        return []
+    grid = np.unique(np.round(np.geomspace(1, cap, num=min(points, cap))).astype(int))
+    return [int(c) for c in grid]
+
+
+def fairness(
+    problem: Problem,
+    sensitive: Any,
+    metric: str = "demographic_parity",
+    unlearn: bool = True,
+    policy: str = "auto",
+    method: str = "fisher",
+    solver: str = "auto",
+    solver_options: dict[str, Any] | None = None,
+    max_fraction: float = 0.2,
+    max_accuracy_drop: float = 0.01,
+    progress: ProgressFn | None = None,
+) -> TaskResult:
+    """Score every training row on a fairness metric measured on the training rows and
+    optionally unlearn rows whose removal lowers it.
+
+    metric: "demographic_parity" (binary classifier, two-valued sensitive) or "chi2"
+    (KDE χ² between predicted mean and a binary or continuous sensitive; any family
+    with a scalar prediction). scores (n,): linearized change of the metric when the
+    row is removed ("removal" convention); negative = removal lowers the metric.
+
+    policy "all": unlearn every row with a negative score (the paper's rule).
+    policy "auto": rank those rows, evaluate the plug-in metric at θ̃ for a geometric
+    grid of counts (one batched solve), keep the counts that remove at most
+    max_fraction·n rows and lose at most max_accuracy_drop accuracy (regression: raise
+    the MSE by at most that fraction), and take the lowest metric (no removal if none
+    beats θ̂). metric_after / accuracy_after (or mse_after) are evaluated at the
+    returned model.
+    """
+    timer, report = PhaseTimer(), Progress(progress)
+    if policy not in POLICIES:
+        raise SpecError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if not 0.0 < max_fraction <= 1.0:
+        raise SpecError(f"max_fraction must lie in (0, 1], got {max_fraction}")
+    if not max_accuracy_drop >= 0.0:
+        raise SpecError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
+    s = torch.as_tensor(np.asarray(sensitive, dtype=np.float64)).reshape(-1)
+    objective = make_fairness_objective(metric, problem.family, problem.X,
+                                        s.to(problem.device, problem.dtype))
+    curvature = _Curvature.build(problem, method, solver, solver_options, report)
+    classifier = is_classifier(problem.family)
+    utility_name = "accuracy" if classifier else "mse"
+
+    with timer.phase("gradient"):
+        report("gradient", 0, 1)
+        metric_before, grad = objective_gradient(problem, objective)
+        utility_before = _utility(problem, _outputs(problem, problem.X))
+        report("gradient", 1, 1)
+
+    # Limitation: for non-smooth penalties the scores use the smooth part of the
+    # curvature only (the active set of θ̂ is treated as free); the plug-in values of
+    # policy "auto" do use the proximal step.
+    with timer.phase("solve"):
+        direction = curvature.solve(curvature.operator(problem), grad, "solve")
+
+    with timer.phase("scoring"):
+        report("scoring", 0, 1)
+        scores = _scores(problem, direction)
+        report("scoring", 1, 1)
+
+    values: dict[str, Any] = {
+        "convention": "removal",
+        "metric": metric,
+        "metric_before": metric_before,
+        f"{utility_name}_before": utility_before,
+        "n_lowering": int((scores < 0).sum()),
+        "predicted_change_all": float(scores[scores < 0].sum()),
+    }
+    arrays: dict[str, Tensor | np.ndarray] = {"scores": scores}
+    if not unlearn:
+        values["curvature"] = curvature.summary()
+        return _finish(values, arrays, timer, problem)
+
+    order = torch.argsort(scores)
+    candidates = order[: int((scores < 0).sum())]
+
+    def plug_in(theta: Tensor) -> tuple[float, float]:
+        outputs = _outputs(problem, problem.X, theta)
+        return float(objective.fn(outputs)), _utility(problem, outputs)
+
+    def feasible(utility: float) -> bool:
+        if classifier:
+            return utility >= utility_before - max_accuracy_drop
+        return utility <= utility_before * (1.0 + max_accuracy_drop)
+
+    curve: list[dict[str, Any]] = []
+    if policy == "all":
+        chosen = int(candidates.numel())
+        with timer.phase("unlearn"):
+            theta = curvature.removal_step(problem, _removal_sum(problem, candidates), "unlearn")
+    else:
+        cap = min(int(candidates.numel()), int(math.floor(max_fraction * problem.n)))
+        counts = _count_grid(cap, FAIRNESS_GRID_POINTS)
+        with timer.phase("candidates"):
+            # Σ over the top-c rows for each grid count from disjoint segments: one
+            # gradient pass over the top-cap rows in all.
+            sums, running, previous = [], torch.zeros_like(grad), 0
+            for c in counts:
+                running = running + _removal_sum(problem, candidates[previous:c])
+                sums.append(running)
+                previous = c
+            thetas = (curvature.removal_step(problem, torch.stack(sums, dim=1), "candidates")
+                      if counts else None)
+            best_metric, chosen, theta = metric_before, 0, problem.theta()
+            for j, c in enumerate(counts):
+                value, utility = plug_in(thetas[:, j])
+                ok = feasible(utility)
+                curve.append({"count": c, "metric": value, utility_name: utility,
+                              "feasible": ok})
+                if ok and value < best_metric:
+                    best_metric, chosen, theta = value, c, thetas[:, j]
+                report("candidates", j + 1, len(counts))
+        values["cap"] = cap
+
+    removed = candidates[:chosen]
+    metric_after, utility_after = plug_in(theta)
+    values.update({
+        "policy": policy,
+        "n_removed": chosen,
+        "fraction_removed": chosen / problem.n,
+        "metric_after": metric_after,
+        f"{utility_name}_after": utility_after,
+        "predicted_change": float(scores[removed].sum()),
+        "candidates": curve,
+        "max_fraction": max_fraction,
+        "max_accuracy_drop": max_accuracy_drop,
+        "utility_cap": ("accuracy >= accuracy_before - max_accuracy_drop" if classifier
+                        else "mse <= mse_before * (1 + max_accuracy_drop)"),
+        "parameter_change_norm": float(torch.linalg.norm(theta - problem.theta())),
+        "curvature": curvature.summary(),
+    })
+    arrays["removed"] = removed
+    return _finish(values, arrays, timer, problem, problem.state_dict(theta))
+
+
+# ---------------------------------------------------------------------------------
+# Cross-validation
+
+
+def _folds(n: int, k: int | None, folds: int | None, seed: int) -> list[np.ndarray]:
+    """Disjoint folds of shuffled rows: `folds` parts of ~n/folds rows, or folds of k
+    rows (all n // k of them when folds is None, else `folds` of them)."""
+    order = np.random.default_rng(seed).permutation(n)
+    if k is None:
+        if folds is None or not isinstance(folds, int) or not 2 <= folds <= n:
+            raise SpecError(f"folds must be an integer in [2, {n}], got {folds!r}")
+        return [part for part in np.array_split(order, folds)]
+    if not isinstance(k, int) or not 1 <= k < n:
+        raise SpecError(f"k must be an integer in [1, {n - 1}], got {k!r}")
+    count = n // k if folds is None else folds
+    if not isinstance(count, int) or count < 1 or count * k > n:
+        raise SpecError(f"{count!r} disjoint folds of {k} rows do not fit in {n} rows")
+    return [order[j * k:(j + 1) * k] for j in range(count)]
+
+
+def cross_validate(
+    problem: Problem,
+    k: int | None = None,
+    folds: int | None = 5,
+    seed: int = 0,
+    method: str = "fisher",
+    solver: str = "auto",
+    solver_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> TaskResult:
+    """Approximate leave-k-out cross-validation without retraining.
+
+    For each fold S: θ̃_{−S} = θ̂ + (1/n) C⁻¹ Σ_{i∈S} g_i (all folds in one batched
+    solve; proximal form for non-smooth penalties), then the plug-in mean loss on S at
+    θ̃_{−S}. estimate = mean over folds (nats). k=1 with folds=None is leave-one-out.
+    values: estimate, fold_losses, in_sample_loss (loss on the folds at θ̂).
+    """
+    timer, report = PhaseTimer(), Progress(progress)
+    parts = _folds(problem.n, k, folds, seed)
+    curvature = _Curvature.build(problem, method, solver, solver_options, report)
+    index = [torch.as_tensor(p, device=problem.device) for p in parts]
+
+    with timer.phase("gradient"):
+        sums = []
+        for j, rows in enumerate(index):
+            sums.append(_removal_sum(problem, rows))
+            report("gradient", j + 1, len(index))
+
+    with timer.phase("solve"):
+        thetas = curvature.removal_step(problem, torch.stack(sums, dim=1))
+
+    with timer.phase("evaluate"):
+        fold_losses, in_sample = [], []
+        losses_hat = problem.losses()
+        for j, rows in enumerate(index):
+            params = problem.unflatten(thetas[:, j])
+            with torch.no_grad():
+                ell = problem.family.loss(problem.forward(params, problem.X[rows]),
+                                          problem.y[rows])
+            fold_losses.append(float(ell.mean()))
+            in_sample.append(float(losses_hat[rows].mean()))
+            report("evaluate", j + 1, len(index))
+
+    values = {
+        "estimate": float(np.mean(fold_losses)),
+        "in_sample_loss": float(np.mean(in_sample)),
+        "n_folds": len(parts),
+        "fold_sizes": sorted({len(p) for p in parts}),
+        "seed": seed,
+        "convention": "plug-in mean loss on each held-out fold at its unlearned θ",
+        "curvature": curvature.summary(),
+    }
+    arrays = {"fold_losses": np.asarray(fold_losses), "folds": np.concatenate(parts),
+              "fold_starts": np.cumsum([0] + [len(p) for p in parts])[:-1]}
+    return _finish(values, arrays, timer, problem)
