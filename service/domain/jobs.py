@@ -229,6 +229,8 @@ def submit_job(
     )
     session.add(job)
     if idempotency_key is not None:
+        # No ORM relationship orders these inserts; the job row must exist first.
+        session.flush()
         session.add(
             IdempotencyKey(
                 tenant_id=tenant.id, key=idempotency_key, request_hash=digest, job_id=job.id
