@@ -28,7 +28,7 @@ WARM_STOP_SECONDS = 5.0
 SHUTDOWN_GRACE_SECONDS = 15.0
 # A worker that dies is restarted, but no more often than this (seconds).
 WORKER_RESTART_BACKOFF_SECONDS = 2.0
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +112,8 @@ def _configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic narrates its plugin set-up at INFO on every migrate.
+    logging.getLogger("alembic").setLevel(max(root.level, logging.WARNING))
 
 
 def _run_client(argv: list[str]) -> int:

@@ -79,11 +79,14 @@ class EmbeddedRedis:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 
+        # Its own session: a Ctrl-C or a group-wide SIGTERM must not take Redis down
+        # before the workers that still use it; stop() ends it last.
         self.process = subprocess.Popen(
             [_redis_server_binary(), str(config)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + _START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
