@@ -37,6 +37,7 @@ from engine.operators import (
     CurvatureOperator,
     DenseOperator,
     curvature_operator,
+    dense_matrix,
     loss_directional_derivatives,
     mean_gradient,
 )
@@ -148,7 +149,8 @@ class _Curvature:
         return curvature_operator(problem, self.method, damping=self.damping,
                                   regularized=regularized, variant=self.variant)
 
-    def solve(self, op: CurvatureOperator, rhs: Tensor, phase: str) -> Tensor:
+    def solve(self, op: CurvatureOperator | _WeightedCurvature, rhs: Tensor, phase: str
+              ) -> Tensor:
         """x = C⁻¹ rhs for rhs (d,) or (d, m); the report is kept for the result."""
         columns = 1 if rhs.dim() == 1 else rhs.shape[1]
         self.progress(phase, 0, columns)
@@ -175,14 +177,18 @@ class _Curvature:
         self.prox_reports.extend(reports)
         return result
 
-    def refine(self, problem: Problem, theta: Tensor, weights: Tensor) -> Tensor:
-        """One (proximal) Newton step of L(·; w) from θ, curvature rebuilt at θ."""
+    def refine(self, problem: Problem, theta: Tensor, kept: Tensor) -> Tensor:
+        """One (proximal) Newton step of L(·; w) from θ (w = 1 on `kept` rows, else 0),
+        with the curvature of L(·; w) itself, rebuilt at θ."""
         at = _problem_at(problem, theta)
+        weights = torch.zeros(problem.n, dtype=problem.dtype, device=problem.device)
+        weights[kept] = 1.0
         grad = mean_gradient(at, weights=weights)
-        if problem.regularizer.smooth:
-            step = self.solve(self.operator(at), grad + at.reg_grad(theta), "refine")
-            return theta - step
-        metric = self.operator(at, regularized=False)
+        smooth = problem.regularizer.smooth
+        weighted = _WeightedCurvature(self.operator(at, regularized=smooth), kept, problem.n)
+        if smooth:
+            return theta - self.solve(weighted, grad + at.reg_grad(theta), "refine")
+        metric = weighted
         v = theta - self.solve(metric, grad, "refine")
         result, reports = _metric_prox(at, metric, v, theta, self.progress)
         self.prox_reports.extend(reports)
@@ -195,13 +201,41 @@ class _Curvature:
                 "prox": self.prox_reports[-20:]}
 
 
-def _metric_prox(problem: Problem, metric: CurvatureOperator, v: Tensor, start: Tensor,
-                 progress: Progress) -> tuple[Tensor, list[dict[str, Any]]]:
+class _WeightedCurvature:
+    """C_w v = (1/n) Σ_{i∈kept} M_i v (+ λ∇²π v) + δ v, the curvature of L(θ; w) for
+    w = 1 on `kept` and 0 elsewhere, built from the full-data operator `base`."""
+
+    def __init__(self, base: CurvatureOperator, kept: Tensor, n: int) -> None:
+        self.base = base
+        self.rows = CurvatureOperator(base.problem, base.kind, base.variant, damping=0.0,
+                                      regularized=False, indices=kept,
+                                      batch_size=base.batch_size)
+        self.scale = kept.numel() / n
+        self.d, self.dtype, self.device = base.d, base.dtype, base.device
+        self.products = 0
+
+    def matvec(self, v: Tensor) -> Tensor:
+        v = v.to(self.device, self.dtype)
+        self.products += 1 if v.dim() == 1 else v.shape[1]
+        extra = self.base.damping * v
+        if self.base.regularized:
+            diag = self.base.problem.reg_curvature_diag()
+            extra = extra + (diag if v.dim() == 1 else diag[:, None]) * v
+        return self.scale * self.rows.data_product(v) + extra
+
+    __call__ = matvec
+
+    def dense(self) -> Tensor:
+        return dense_matrix(self)
+
+
+def _metric_prox(problem: Problem, metric: CurvatureOperator | _WeightedCurvature, v: Tensor,
+                 start: Tensor, progress: Progress) -> tuple[Tensor, list[dict[str, Any]]]:
     """argmin_θ ½ (θ − v)ᵀ M (θ − v) + λπ(θ) per column of v ((d,) or (d, m)), warm
     started at `start` (d,), by `engine.prox.fisher_prox`. Small d: M is materialized
     once so each iteration is dense algebra instead of a pass over the data."""
     columns = v.unsqueeze(1) if v.dim() == 1 else v
-    op: CurvatureOperator | DenseOperator = metric
+    op: CurvatureOperator | _WeightedCurvature | DenseOperator = metric
     lipschitz, tol, max_iter = None, PROX_TOL_MATFREE, PROX_MAX_ITER_MATFREE
     if problem.d <= DENSE_PROX_MAX_D:
         op = DenseOperator(metric.dense())
@@ -309,6 +343,7 @@ def unlearn(
     curvature = _Curvature.build(problem, method, solver, solver_options, report)
     weights = torch.ones(problem.n, dtype=problem.dtype, device=problem.device)
     weights[rows] = 0.0
+    kept = torch.nonzero(weights).squeeze(1)
     theta_hat = problem.theta()
 
     with timer.phase("gradient"):
@@ -325,7 +360,7 @@ def unlearn(
 
     for step in range(refine_steps):
         with timer.phase("refine"):
-            theta = curvature.refine(problem, theta, weights)
+            theta = curvature.refine(problem, theta, kept)
             history.append(_stationarity(_problem_at(problem, theta), weights))
         report("refine", step + 1, refine_steps)
 

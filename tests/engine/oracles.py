@@ -71,9 +71,11 @@ def fit_logistic(X, y, lam, weights=None, penalize_bias=True, theta0=None, tol=1
         step = np.linalg.solve(hess, grad)
         if np.linalg.norm(step) <= tol * max(1.0, np.linalg.norm(theta)):
             return theta - step
+        # Backtrack only far from the optimum: near it, rounding hides the decrease.
         t = 1.0
-        while logistic_objective(X, y, theta - t * step, lam, weights, penalize_bias)[0] > \
-                value - 0.25 * t * grad @ step and t > 1e-8:
+        while grad @ step > 1e-12 and t > 1e-8 and \
+                logistic_objective(X, y, theta - t * step, lam, weights, penalize_bias)[0] > \
+                value - 0.25 * t * grad @ step:
             t *= 0.5
         theta = theta - t * step
     raise RuntimeError("oracle Newton did not converge")
@@ -137,18 +139,26 @@ def quadratic_l1(Q, v, lam_vec, x0=None, sweeps=5000, tol=1e-14):
     return x
 
 
-def fit_logistic_l1(X, y, lam, weights=None, penalize_bias=False, theta0=None, tol=1e-12):
-    """Minimizer of (1/n) Σ w_i ℓ_i + λ ‖w‖₁ (intercept unpenalized by default) by
-    proximal Newton with backtracking; (d + 1,)."""
+def fit_logistic_l1(X, y, lam, weights=None, penalize_bias=False, theta0=None, tol=1e-12,
+                    l1_ratio=1.0):
+    """Minimizer of (1/n) Σ w_i ℓ_i + λ (α‖w‖₁ + (1 − α)½‖w‖²), α = l1_ratio (intercept
+    unpenalized by default) by proximal Newton with backtracking; (d + 1,)."""
     n, d = X.shape
-    lam_vec = lam * _penalty_mask(d, penalize_bias)
+    mask = _penalty_mask(d, penalize_bias)
+    lam_vec = lam * l1_ratio * mask
+    ridge = lam * (1.0 - l1_ratio)
     theta = np.zeros(d + 1) if theta0 is None else theta0.copy()
 
+    def smooth(t):
+        value, grad, hess = logistic_objective(X, y, t, 0.0, weights)
+        return (value + 0.5 * ridge * np.sum(mask * t**2), grad + ridge * mask * t,
+                hess + ridge * np.diag(mask))
+
     def value(t):
-        return logistic_objective(X, y, t, 0.0, weights)[0] + np.sum(lam_vec * np.abs(t))
+        return smooth(t)[0] + np.sum(lam_vec * np.abs(t))
 
     for _ in range(200):
-        _, grad, hess = logistic_objective(X, y, theta, 0.0, weights)
+        _, grad, hess = smooth(theta)
         target = theta - np.linalg.solve(hess, grad)
         proposal = quadratic_l1(hess, target, lam_vec, x0=theta)
         step = proposal - theta
@@ -267,10 +277,13 @@ class TinyMLP:
             step = torch.cholesky_solve(grad[:, None], chol)[:, 0]
             t_len = 1.0
             slope = float(grad @ step)
-            while float(fn(theta - t_len * step)) > float(value) - 1e-4 * t_len * slope \
-                    and t_len > 1e-10:
+            # Backtrack only far from the optimum: near it, rounding hides the decrease.
+            while slope > 1e-12 and t_len > 1e-10 and \
+                    float(fn(theta - t_len * step)) > float(value) - 1e-4 * t_len * slope:
                 t_len *= 0.5
             theta = theta - t_len * step
+            if t_len == 1.0 and float(step.norm()) <= 1e-13 * max(1.0, float(theta.norm())):
+                return theta.numpy()
         raise RuntimeError(f"oracle Newton did not converge, gradient norm {float(grad.norm())}")
 
     def retrain_without(self, theta_hat: np.ndarray, remove) -> np.ndarray:
