@@ -126,9 +126,17 @@ async def _afif_error(_request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
+    broken = [e for e in errors if e.get("type") == "json_invalid"]
+    if broken:
+        # Undecodable JSON is a malformed request (400); decodable but off-schema is a 422.
+        loc = list(broken[0].get("loc", ()))
+        where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        reason = (broken[0].get("ctx") or {}).get("error", "JSON decode error")
+        detail = f"body: malformed JSON{where} ({reason})"
+        return problem_response(400, "Malformed request", detail, field="body",
+                                code="invalid_input")
     field, detail = validation_problem(errors)
-    # Undecodable JSON is a malformed request (400); a decodable one that breaks the schema, 422.
-    status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
+    status = 422
     title = "Malformed request" if status == 400 else "Invalid input"
     return problem_response(status, title, detail, field=field, code="invalid_input")
 
