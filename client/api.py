@@ -548,6 +548,9 @@ class _ProgressBar:
         self._phase: str | None = None
 
     def update(self, info: Any) -> None:
+        if str(info.status) in TERMINAL:
+            self.close()
+            return
         prog = _as_dict(getattr(info, "progress", None))
         phase = str(prog.get("phase") or info.status)
         total = prog.get("total") or None
@@ -555,7 +558,9 @@ class _ProgressBar:
         if self._bar is None or phase != self._phase:
             if self._bar is not None:
                 self._bar.close()
-            self._bar = self._tqdm(total=total, desc=f"{self._label} {phase}", leave=False)
+            # disable=None: no bar when stderr is not a terminal (logs, CI, captured runs).
+            self._bar = self._tqdm(total=total, desc=f"{self._label} {phase}", leave=False,
+                                   disable=None)
             self._phase = phase
         if total is not None and self._bar.total != total:
             self._bar.total = total

@@ -64,9 +64,10 @@ def test_retries_give_up_with_a_typed_error(stack: LocalStack) -> None:
 
 def test_lost_answer_to_submit_makes_one_job(stack: LocalStack, registered: Registered
                                              ) -> None:
-    c, transport = _client(stack, ["lost"])
+    c, transport = _client(stack, [])
     with c:
         before = {j.id for j in c.list_jobs(kind="cv")}
+        transport.faults = ["lost"]
         job = c.submit("cv", model=registered.model, dataset=registered.train, folds=3,
                        seed=7)
         after = {j.id for j in c.list_jobs(kind="cv")}
