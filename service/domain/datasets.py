@@ -250,11 +250,14 @@ def register_dataset(
     return dataset
 
 
-def load_dataset_arrays(dataset: Dataset, store: Store) -> dict[str, np.ndarray]:
-    """The stored arrays of a dataset (hash-verified, no pickle)."""
+def load_dataset_arrays(
+    dataset: Dataset, store: Store, names: tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """The stored arrays of a dataset (all, or just `names`), hash-verified, no pickle."""
     data = store.get(dataset.sha256, verify=True)
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+        wanted = archive.files if names is None else [n for n in names if n in archive.files]
+        return {name: archive[name] for name in wanted}
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:

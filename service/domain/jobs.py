@@ -179,12 +179,14 @@ def _check_fit(
     from service.domain.datasets import load_dataset_arrays
     from service.domain.models import check_dataset_against_model
 
-    arrays = load_dataset_arrays(dataset, store)
-    check_dataset_against_model(model, arrays["X"], arrays["y"], field=field)
-    if need_sensitive and "sensitive" not in arrays:
+    if need_sensitive and not dataset.has_sensitive:
         raise InvalidInput(
-            f"dataset {dataset.id} has no `sensitive` column; fairness needs one", field=field
+            f"{field}: dataset {dataset.id} has no `sensitive` column; fairness needs one",
+            field=field,
         )
+    # Only y is read: the row already records the feature shape.
+    labels = load_dataset_arrays(dataset, store, names=("y",))["y"]
+    check_dataset_against_model(model, dataset.feature_shape, labels, field=field)
 
 
 def submit_job(

@@ -7,6 +7,7 @@ the architecture by the engine before anything is stored.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -156,8 +157,10 @@ def model_public(model: Model) -> schemas.ModelPublic:
     return schemas.ModelPublic.model_validate(model, from_attributes=True)
 
 
-def check_dataset_against_model(model: Model, X: np.ndarray, y: np.ndarray, *, field: str) -> None:
-    """Rows of X must have the model's input shape and y must suit its family (422 if not)."""
+def check_dataset_against_model(
+    model: Model, feature_shape: Sequence[int], y: np.ndarray, *, field: str
+) -> None:
+    """Rows of shape `feature_shape` must be the model's input; y must suit its family."""
     import torch
 
     from engine.errors import SpecError
@@ -165,9 +168,9 @@ def check_dataset_against_model(model: Model, X: np.ndarray, y: np.ndarray, *, f
     from engine.spec import input_shape, output_dim
 
     expected = input_shape(model.architecture)
-    if expected is not None and tuple(X.shape[1:]) != tuple(expected):
+    if expected is not None and tuple(feature_shape) != tuple(expected):
         raise InvalidInput(
-            f"{field}: rows have shape {list(X.shape[1:])} ({int(np.prod(X.shape[1:]))} "
+            f"{field}: rows have shape {list(feature_shape)} ({int(np.prod(feature_shape))} "
             f"features) but model {model.id} expects {list(expected)}",
             field=field,
         )

@@ -57,10 +57,13 @@ async def upload_dataset(
 ) -> schemas.DatasetPublic:
     """Upload a dataset; it is validated and stored normalized as .npz."""
     form = await read_form(request, settings)
-    meta = await read_json_part(form, "meta", schemas.DatasetMeta, required=False)
-    data = await read_file_part(form, "file", settings.max_upload_bytes)
-    part = form.get("file")
-    filename = part.filename if isinstance(part, UploadFile) else None
+    try:
+        meta = await read_json_part(form, "meta", schemas.DatasetMeta, required=False)
+        data = await read_file_part(form, "file", settings.max_upload_bytes)
+        part = form.get("file")
+        filename = part.filename if isinstance(part, UploadFile) else None
+    finally:
+        await form.close()
     dataset = await run_in_threadpool(
         domain.register_dataset, session, tenant, filename, data, meta, store
     )

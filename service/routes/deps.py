@@ -11,10 +11,11 @@ from fastapi import Depends, Header, Request
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData, UploadFile
+from starlette.types import Message
 
 from models_store import Store
 from service.auth import authenticate
-from service.errors import BadRequest, InvalidInput, PayloadTooLarge, validation_problem
+from service.errors import AfifError, BadRequest, InvalidInput, PayloadTooLarge, validation_problem
 from service.models import Tenant
 from service.settings import Settings
 
@@ -53,21 +54,45 @@ def current_tenant(
 
 
 async def read_form(request: Request, settings: Settings) -> FormData:
-    """The multipart form, refused with 413 early when Content-Length is over the limit."""
+    """The multipart form; past AFIF_MAX_UPLOAD_BYTES the body is refused with 413.
+
+    The byte count is enforced while the body streams in (not only from Content-Length),
+    so an oversized chunked upload is cut off rather than spooled to disk. The caller
+    closes the returned form.
+    """
+    limit = settings.max_upload_bytes + _MULTIPART_SLACK
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.max_upload_bytes + _MULTIPART_SLACK:
-        raise PayloadTooLarge(
-            f"upload of {int(length)} bytes exceeds AFIF_MAX_UPLOAD_BYTES="
-            f"{settings.max_upload_bytes}",
-            field="file",
-        )
+    if length and length.isdigit() and int(length) > limit:
+        raise _too_large(int(length), settings)
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise BadRequest("expected a multipart/form-data body", field="content-type")
+
+    received = 0
+
+    async def bounded_receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _too_large(received, settings)
+        return message
+
     try:
-        return await request.form(max_files=4, max_fields=8)
+        return await Request(request.scope, bounded_receive).form(max_files=4, max_fields=8)
+    except AfifError:
+        raise
     except Exception as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from None
+
+
+def _too_large(size: int, settings: Settings) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"upload of more than {size} bytes exceeds AFIF_MAX_UPLOAD_BYTES="
+        f"{settings.max_upload_bytes}",
+        field="file",
+    )
 
 
 async def read_file_part(form: FormData, name: str, limit: int, *, required: bool = True) -> bytes:

@@ -57,9 +57,12 @@ async def register_model(
 ) -> schemas.ModelPublic:
     """Register a model: its spec (architecture, family, regularizer) and its weights."""
     form = await read_form(request, settings)
-    spec = await read_json_part(form, "spec", schemas.ModelCreate, required=True)
-    assert spec is not None
-    weights = await read_file_part(form, "weights", settings.max_upload_bytes)
+    try:
+        spec = await read_json_part(form, "spec", schemas.ModelCreate, required=True)
+        assert spec is not None
+        weights = await read_file_part(form, "weights", settings.max_upload_bytes)
+    finally:
+        await form.close()
     model = await run_in_threadpool(
         domain.register_model, session, tenant, spec, weights, store
     )

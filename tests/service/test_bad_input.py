@@ -178,6 +178,24 @@ CASES: dict[str, Case] = {
         400, "body", "malformed JSON"),
 }
 
+def _chunked_oversized_upload(api, ctx):
+    # No Content-Length: the limit must hold while the body streams in.
+    boundary = "afifboundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="d.npz"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+    body = head + b"0" * (1536 * 1024) + f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks():
+        for start in range(0, len(body), 65536):
+            yield body[start:start + 65536]
+
+    headers = api.h(**{"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return api.client.post("/v1/datasets", headers=headers, content=chunks())
+
+
+CASES["oversized chunked upload"] = (_chunked_oversized_upload, 413, "file",
+                                     "AFIF_MAX_UPLOAD_BYTES")
+
 # Uploading the helper dataset for label/width cases adds one legitimate dataset row+file.
 ADDS_A_DATASET = {"labels that do not fit bernoulli", "real labels for bernoulli",
                   "input width mismatch"}
