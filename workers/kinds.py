@@ -16,6 +16,7 @@ import torch
 
 from engine.errors import SpecError
 from engine.results import TaskResult
+from service.settings import get_settings
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -61,7 +62,11 @@ def run_unlearning(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOut
 
 
 def run_attribution(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutcome:
-    """Removal-convention scores of every training row on the mean test loss."""
+    """Removal-convention scores of every training row on the mean test loss.
+
+    The HTTP contract's `scores` is per training row (n,): the engine's `mean_scores`.
+    The engine's per-test-row matrix (n, m) is kept as `scores_per_test`.
+    """
     if inputs.test_X is None or inputs.test_y is None:
         raise SpecError("test_dataset_id: an attribution job needs a test dataset")
     result = engine_tasks().attribute(
@@ -72,6 +77,11 @@ def run_attribution(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOu
         progress=progress,
         **_solver_args(params),
     )
+    arrays = dict(result.arrays)
+    if "mean_scores" in arrays:
+        arrays["scores_per_test"] = arrays.pop("scores")
+        arrays["scores"] = arrays.pop("mean_scores")
+    result.arrays = arrays
     return KindOutcome(result, removed=None)
 
 
@@ -92,12 +102,17 @@ def run_fairness(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutco
     )
     removed = None
     if params.unlearn and result.parameters is not None:
-        removed = sorted(int(i) for i in result.values.get("removed", []))
+        rows = result.arrays.get("removed", result.values.get("removed", []))
+        removed = sorted(int(i) for i in np.asarray(rows).ravel())
     return KindOutcome(result, removed=removed)
 
 
 def run_cv(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutcome:
-    """Approximate leave-k-out cross-validation."""
+    """Approximate leave-k-out cross-validation.
+
+    The engine gives all folds' rows concatenated (`folds`) with `fold_starts` and
+    `fold_losses`; the HTTP contract lists `per_fold` entries with `indices` and `loss`.
+    """
     result = engine_tasks().cross_validate(
         inputs.problem,
         k=params.k,
@@ -106,7 +121,27 @@ def run_cv(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutcome:
         progress=progress,
         **_solver_args(params),
     )
+    result.values["per_fold"] = per_fold(result.arrays, get_settings().inline_max)
     return KindOutcome(result, removed=None)
+
+
+def per_fold(arrays: dict[str, np.ndarray], inline_max: int) -> list[dict[str, Any]]:
+    """One entry per fold: its loss, and its held-out rows as `offset`/`size` into the
+    `folds` array, plus the row `indices` themselves when a fold has <= inline_max rows.
+    """
+    rows = np.asarray(arrays["folds"]).ravel()
+    starts = [int(s) for s in np.asarray(arrays["fold_starts"]).ravel()]
+    losses = np.asarray(arrays["fold_losses"], dtype=np.float64).ravel()
+    stops = starts[1:] + [len(rows)]
+    entries = []
+    for start, stop, loss in zip(starts, stops, losses, strict=True):
+        entry: dict[str, Any] = {"loss": float(loss), "offset": start, "size": stop - start}
+        # Limitation: a fold larger than AFIF_INLINE_MAX lists no `indices` inline; its
+        # rows are folds[offset:offset+size] in the `folds` artifact.
+        if stop - start <= inline_max:
+            entry["indices"] = [int(i) for i in rows[start:stop]]
+        entries.append(entry)
+    return entries
 
 
 RUNNERS: dict[str, Callable[[Any, Inputs, ProgressFn], KindOutcome]] = {
