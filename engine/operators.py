@@ -92,14 +92,49 @@ def _hessian_double_backward(problem: Problem, X: Tensor, y: Tensor, t: Params
             for n, h in zip(leaves, hv, strict=True)}
 
 
+VMAP_COLUMNS = 32  # right-hand sides pushed through one vmapped product (memory: × activations)
+
+
+def _vmapped(problem: Problem, X: Tensor, y: Tensor, T: dict[str, Tensor], variant: str
+             ) -> dict[str, Tensor]:
+    """Products for m tangents at once (T: name -> (m, *shape)) with torch.func.vmap."""
+    p = problem.params()
+
+    def fwd(params: Params) -> Tensor:
+        return problem.forward(params, X)
+
+    if variant == "jvp_vjp":
+        f, vjp_fn = torch.func.vjp(fwd, p)
+        jf = torch.func.vmap(lambda t: torch.func.jvp(fwd, (p,), (t,))[1])(T)
+        u = problem.family.curvature(f.detach(), jf)
+        return dict(torch.func.vmap(lambda w: vjp_fn(w)[0])(u))
+
+    def loss_sum(params: Params) -> Tensor:
+        return problem.family.loss(problem.forward(params, X), y).sum()
+
+    grad_fn = torch.func.grad(loss_sum)
+    return dict(torch.func.vmap(lambda t: torch.func.jvp(grad_fn, (p,), (t,))[1])(T))
+
+
 def batch_product(problem: Problem, idx: Tensor, v: Tensor, kind: str = "fisher",
                   variant: str | None = None) -> Tensor:
-    """Σ_{i∈idx} M_i v for one batch of rows (a sum, not a mean); v (d,) or (d, m)."""
+    """Σ_{i∈idx} M_i v for one batch of rows (a sum, not a mean); v (d,) or (d, m).
+
+    Several columns go through torch.func.vmap for the functional variants; the fused and
+    double-backward variants loop over columns.
+    """
     variant = _check_variant(kind, variant)
     X, y = problem.X[idx], problem.y[idx]
     columns = v.unsqueeze(1) if v.dim() == 1 else v
     out = []
-    for j in range(columns.shape[1]):
+    j = 0
+    while j < columns.shape[1]:
+        if columns.shape[1] - j > 1 and variant in ("jvp_vjp", "fwd_rev"):
+            block = columns[:, j:j + VMAP_COLUMNS]
+            res = _vmapped(problem, X, y, problem.unflatten(block), variant)
+            out.append(problem.flatten(res, batched=True).detach())
+            j += block.shape[1]
+            continue
         t = problem.unflatten(columns[:, j])
         if variant == "fused":
             res = _fisher_fused(problem, X, t)
@@ -109,8 +144,9 @@ def batch_product(problem: Problem, idx: Tensor, v: Tensor, kind: str = "fisher"
             res = _hessian_fwd_rev(problem, X, y, t)
         else:
             res = _hessian_double_backward(problem, X, y, t)
-        out.append(problem.flatten(res).detach())
-    stacked = torch.stack(out, dim=1)
+        out.append(problem.flatten(res).detach().unsqueeze(1))
+        j += 1
+    stacked = torch.cat(out, dim=1)
     return stacked[:, 0] if v.dim() == 1 else stacked
 
 
@@ -188,7 +224,9 @@ class CurvatureOperator:
         """The d × d matrix of C (small d only): the Fisher from per-row Jacobians, the
         Hessian by products with identity columns."""
         if self.kind == "hessian":
-            return dense_matrix(self, chunk)
+            fast = CurvatureOperator(self.problem, "hessian", "fwd_rev", self.damping,
+                                     self.regularized, self.indices, self.batch_size)
+            return dense_matrix(fast, chunk)
         data = dense_fisher(self.problem, self.indices)
         return data + torch.diag(self._extra(torch.ones(self.d, dtype=self.dtype,
                                                         device=self.device)))
