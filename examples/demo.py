@@ -119,7 +119,7 @@ def run(client: Client) -> None:
     heading("attribution: which training rows matter for the mean test loss")
     job = client.submit("attribution", model=model, dataset=train, test_dataset=test, top_k=5)
     res = job.wait(progress=True).result()
-    scores = np.asarray(res["mean_scores"], dtype=np.float64)
+    scores = np.asarray(res["scores"], dtype=np.float64)
     order = np.argsort(scores)
     print(f"job {job.id}: {job.status} in {_total(job)}; convention: "
           f"{res.get('convention', 'removal')} (score = change in mean test loss if the "

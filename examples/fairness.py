@@ -59,7 +59,8 @@ def test_outputs(module: torch.nn.Module, X: np.ndarray, regression: bool) -> np
 
 
 def run(client: Client, data: TabularSplit, *, regression: bool, hidden: int, lam: float,
-        seed: int, out: Path, dataset_name: str) -> dict[str, Any]:
+        seed: int, out: Path, dataset_name: str, policy: str = "auto",
+        max_drop: float = 0.05) -> dict[str, Any]:
     family = "gaussian" if regression else "bernoulli"
     metric = "chi2" if regression else "demographic_parity"
     utility_name = "test MSE" if regression else "test accuracy"
@@ -84,7 +85,8 @@ def run(client: Client, data: TabularSplit, *, regression: bool, hidden: int, la
     }]
     for method in ("fisher", "hessian"):
         job = client.submit("fairness", model=model, dataset=train, metric=metric,
-                            unlearn=True, policy="auto", method=method)
+                            unlearn=True, policy=policy, max_accuracy_drop=max_drop,
+                            method=method)
         with common.Stopwatch() as wall:
             job.wait(progress=True, raise_on_failure=False)
         if job.status != "succeeded":
@@ -117,9 +119,12 @@ def run(client: Client, data: TabularSplit, *, regression: bool, hidden: int, la
     _plot(rows, metric, utility_name, out / "fairness.png")
     intro = (f"# Fairness by unlearning on {dataset_name}\n\n"
              f"Metric `{metric}` on the training set (before = ERM); utility and the gap "
-             f"|mean output(s=1) − mean output(s=0)| on the held-out test set. Seconds: "
-             f"training for ERM, engine time of the fairness job otherwise.")
+             f"|mean output(s=1) − mean output(s=0)| on the held-out test set. Policy "
+             f"`{policy}`, utility cap {max_drop:g} (accuracy points, or relative MSE "
+             f"increase, on the training set). Seconds: training for ERM, engine time of "
+             f"the fairness job otherwise.")
     summary = {"dataset": dataset_name, "metric": metric, "family": family, "lam": lam,
+               "policy": policy, "max_accuracy_drop": max_drop,
                "hidden": hidden, "n_train": len(y), "rows": rows}
     common.write_outputs(out, "fairness", table, summary, intro)
     return summary
@@ -154,6 +159,10 @@ def _plot(rows: list[dict[str, Any]], metric: str, utility_name: str, path: Path
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0], "fairness")
     p.add_argument("--adult-dir", type=Path, help="folder with adult.data and adult.test")
+    p.add_argument("--policy", choices=("auto", "all"), default="auto",
+                   help="auto: best count under the utility cap; all: every lowering row")
+    p.add_argument("--max-utility-drop", type=float, default=0.05,
+                   help="utility cap of policy auto (accuracy drop / relative MSE rise)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -164,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         regression, name, hidden, lam = False, "adult", 16 if args.quick else 64, 1e-3
     else:
         data = load_sklearn("diabetes", seed=args.seed)
-        regression, name, hidden, lam = True, "diabetes", 8 if args.quick else 32, 1e-2
+        regression, name, hidden, lam = True, "diabetes", 4 if args.quick else 32, 1e-2
     with common.connect(args) as client:
         run(client, data, regression=regression, hidden=hidden, lam=lam, seed=args.seed,
-            out=args.out, dataset_name=name)
+            out=args.out, dataset_name=name, policy=args.policy,
+            max_drop=args.max_utility_drop)
     return 0
 
 
