@@ -231,6 +231,16 @@ class Uploaded:
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
+# A real job slow enough (seconds) to cancel or kill mid-run: a full-batch LiSSA series on
+# the exact Hessian, one Hessian-vector product per term; it converges, so left alone the
+# job succeeds.
+SLOW_PARAMS: dict[str, Any] = {
+    "remove": [0, 1, 2],
+    "method": "hessian",
+    "solver": "lissa",
+    "solver_options": {"depth": 400, "repeats": 1, "batch_size": 400, "check_every": 0},
+}
+
 
 def submit(
     client: httpx.Client,

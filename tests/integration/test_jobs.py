@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.integration.stack import (
+    SLOW_PARAMS,
     Fitted,
     Stack,
     Uploaded,
@@ -309,12 +310,3 @@ def test_restarted_stack_still_serves_every_result(stack: Stack, alice: httpx.Cl
         from safetensors.numpy import load
 
         assert set(load(weights.content)) == {"0.weight", "0.bias"}
-
-
-# A real job slow enough to cancel or kill mid-run: a deep LiSSA on the Hessian.
-SLOW_PARAMS: dict[str, Any] = {
-    "remove": [0, 1, 2],
-    "method": "hessian",
-    "solver": "lissa",
-    "solver_options": {"depth": 400_000, "repeats": 1, "batch_size": 8, "check_every": 0},
-}
