@@ -417,8 +417,18 @@ class Client:
         return data
 
     def result(self, job: Any) -> dict[str, Any]:
-        """The job's result with artifacts downloaded and numeric lists as numpy arrays."""
-        return self._materialize(self.raw_result(job))
+        """The job's result with artifacts downloaded and numeric lists as numpy arrays.
+
+        For cv, a fold listed only by `offset`/`size` (too large to inline) gets its
+        `indices` from the `folds` array, so every fold carries its held-out rows.
+        """
+        result: dict[str, Any] = self._materialize(self.raw_result(job))
+        folds = result.get("folds")
+        for fold in result.get("per_fold") or []:
+            if "indices" not in fold and folds is not None and "offset" in fold:
+                start = int(fold["offset"])
+                fold["indices"] = np.asarray(folds)[start:start + int(fold["size"])]
+        return result
 
     def artifact(self, url: str) -> np.ndarray:
         """Download one .npy artifact (URL as given in a result) without pickle."""

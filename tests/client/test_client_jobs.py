@@ -42,8 +42,22 @@ def test_attribution_matches_dense_influence(client: Client, registered: Registe
     grad_T = logreg.grads(logreg.X_test, logreg.y_test).mean(axis=0)
     s = np.linalg.solve(logreg.hessian(), grad_T)
     expected = logreg.grads(logreg.X, logreg.y) @ s / n
-    scores = np.asarray(res["scores"], dtype=np.float64).reshape(n, -1).mean(axis=1)
+    scores = np.asarray(res["scores"], dtype=np.float64)
+    assert scores.shape == (n,)
     assert np.abs(scores - expected).max() <= 1e-3 * np.abs(expected).max()
+
+    # Per test row: scores_per_test (n, m) and the top_k most helpful rows of each.
+    per_test = np.asarray(res["scores_per_test"], dtype=np.float64)
+    G_test = logreg.grads(logreg.X_test, logreg.y_test)
+    expected_pt = logreg.grads(logreg.X, logreg.y) @ np.linalg.solve(logreg.hessian(),
+                                                                     G_test.T) / n
+    assert per_test.shape == expected_pt.shape == (n, len(logreg.y_test))
+    assert np.abs(per_test - expected_pt).max() <= 1e-3 * np.abs(expected_pt).max()
+    helpful = np.asarray(res["helpful"])
+    assert helpful.shape == (len(logreg.y_test), 3)
+    for j in range(len(logreg.y_test)):
+        top = set(np.argsort(-expected_pt[:, j])[:3].tolist())
+        assert len(top & set(helpful[j].tolist())) >= 2
 
     # n scores exceed AFIF_INLINE_MAX: the server stored them as an artifact, and
     # result() downloaded it transparently.
@@ -90,11 +104,17 @@ def test_fairness_reports_the_parity_gap(client: Client, registered: Registered,
         assert sorted(child.removed_indices or []) == sorted(np.asarray(res["removed"]).tolist())
 
 
+@pytest.mark.parametrize("folds", [4, 2])
 def test_cv_matches_plug_in_newton_folds(client: Client, registered: Registered,
-                                         logreg: LogReg) -> None:
-    job = client.submit("cv", model=registered.model, dataset=registered.train, folds=4,
+                                         logreg: LogReg, folds: int) -> None:
+    job = client.submit("cv", model=registered.model, dataset=registered.train, folds=folds,
                         seed=1, solver="exact")
     res = job.wait(timeout=120).result()
+    fold_rows = len(logreg.y) // folds
+    # Folds above AFIF_INLINE_MAX rows come without inline indices; result() fills them
+    # in from the `folds` artifact.
+    raw = job.raw_result()
+    assert all(("indices" in f) == (fold_rows <= INLINE_MAX) for f in raw["per_fold"])
 
     n = len(logreg.y)
     H = logreg.hessian()
@@ -106,7 +126,7 @@ def test_cv_matches_plug_in_newton_folds(client: Client, registered: Registered,
         theta_minus = logreg.theta + np.linalg.solve(H, G[idx].sum(axis=0)) / n
         expected = logreg.loss(logreg.X[idx], logreg.y[idx], theta_minus).mean()
         assert fold["loss"] == pytest.approx(expected, rel=1e-3)
-    assert len(res["per_fold"]) == 4
+    assert len(res["per_fold"]) == folds
     assert sorted(seen) == list(range(n))  # the folds partition the training rows
     assert res["estimate"] == pytest.approx(np.mean([f["loss"] for f in res["per_fold"]]),
                                             rel=1e-6)
