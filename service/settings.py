@@ -67,4 +67,4 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Settings from the environment, read once per process (tests call cache_clear())."""
-    return Settings()
+    return Settings()  # type: ignore[call-arg]  # values come from the environment

@@ -1,4 +1,4 @@
-"""Jobs: submission, cancellation and listing (for routes), and the worker-facing life cycle.
+"""The worker-facing life cycle of a job (submission, cancel and listing: submission.py).
 
 Life cycle: queued -> running -> succeeded | failed | cancelled; queued -> cancelled.
 Workers call claim_job, set_progress / heartbeat (both return the fresh row, whose
@@ -9,45 +9,32 @@ find_unenqueued_jobs + mark_enqueued.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from pydantic import ValidationError
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import CursorResult, Update, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models_store import Store
-from service import schemas
-from service.domain.pagination import page as split_page
-from service.domain.pagination import paginate
-from service.errors import Conflict, InvalidInput, JobStateError, NotFound, validation_problem
+from service.errors import JobStateError, NotFound
 from service.models import (
     TERMINAL_STATUSES,
     Artifact,
-    Dataset,
-    IdempotencyKey,
     Job,
     Model,
-    Tenant,
     new_id,
     utcnow,
 )
 
 logger = logging.getLogger(__name__)
 
-Enqueue = Callable[[str], Any]
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
-
-
-# --- reading ------------------------------------------------------------------------------
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
@@ -58,308 +45,10 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs(
-    session: Session,
-    tenant_id: str,
-    *,
-    status: str | None = None,
-    kind: str | None = None,
-    limit: int = 50,
-    cursor: str | None = None,
-) -> tuple[list[Job], str | None]:
-    """A page of the tenant's jobs, newest first, optionally filtered; (items, next_cursor)."""
-    if status is not None and status not in schemas.JobStatus.__args__:  # type: ignore[attr-defined]
-        raise InvalidInput(f"status must be one of {schemas.JobStatus.__args__}", field="status")  # type: ignore[attr-defined]
-    if kind is not None and kind not in schemas.JOB_KINDS:
-        raise InvalidInput(f"kind must be one of {schemas.JOB_KINDS}", field="kind")
-
-    stmt = select(Job).where(Job.tenant_id == tenant_id)
-    if status is not None:
-        stmt = stmt.where(Job.status == status)
-    if kind is not None:
-        stmt = stmt.where(Job.kind == kind)
-    rows = list(session.scalars(paginate(stmt, Job, limit, cursor)))
-    return split_page(rows, limit)
-
-
-def job_public(job: Job) -> schemas.JobPublic:
-    """The API view of a job row."""
-    progress = job.progress or {}
-    error = None
-    if job.status == "failed" or job.error_code:
-        error = schemas.JobError(code=job.error_code or "failed", message=job.error_message or "")
-    return schemas.JobPublic(
-        id=job.id,
-        kind=job.kind,  # type: ignore[arg-type]
-        status=job.status,  # type: ignore[arg-type]
-        model_id=job.model_id,
-        dataset_id=job.dataset_id,
-        params=job.params,
-        progress=schemas.JobProgress(
-            phase=progress.get("phase"),
-            done=int(progress.get("done", 0)),
-            total=int(progress.get("total", 0)),
-        ),
-        timings=job.timings or {},
-        device=job.device,
-        error=error,
-        attempts=job.attempts,
-        cancel_requested=job.cancel_requested,
-        result_url=f"/v1/jobs/{job.id}/result" if job.status == "succeeded" else None,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-    )
-
-
-def get_result(session: Session, tenant_id: str, job_id: str) -> dict[str, Any]:
-    """The result of a succeeded job; JobStateError (409) before that."""
-    job = get_job(session, tenant_id, job_id)
-    if job.status != "succeeded" or job.result is None:
-        raise JobStateError(
-            f"job {job_id} is {job.status}; a result exists only once it has succeeded",
-            status_now=job.status,
-        )
-    return job.result
-
-
-def get_artifact(session: Session, tenant_id: str, job_id: str, name: str) -> Artifact:
-    """The artifact `name` (with or without .npy) of the tenant's job."""
-    job = get_job(session, tenant_id, job_id)
-    stem = name[:-4] if name.endswith(".npy") else name
-    for artifact in job.artifacts:
-        if artifact.name == stem:
-            return artifact
-    raise NotFound(f"job {job_id} has no artifact {name!r}", field="name")
-
-
-# --- submission ---------------------------------------------------------------------------
-
-
-def parse_params(kind: str, params: Mapping[str, Any]) -> schemas._SolverParams:
-    """Validate `params` against the schema of `kind`; errors name `params.<field>`."""
-    model_cls = schemas.PARAMS_BY_KIND[kind]
-    try:
-        return model_cls.model_validate(dict(params))
-    except ValidationError as exc:
-        field, detail = validation_problem(list(exc.errors()), prefix="params")
-        raise InvalidInput(detail, field=field) from None
-
-
-def request_hash(body: schemas.JobCreate) -> str:
-    """A digest of the request body, to tell a retried POST from a different one."""
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _owned(session: Session, entity: type[Any], tenant_id: str, row_id: str, field: str) -> Any:
-    row = session.get(entity, row_id)
-    if row is None or row.tenant_id != tenant_id:
-        what = "model" if entity is Model else "dataset"
-        raise NotFound(f"{what} {row_id} not found", field=field)
-    return row
-
-
-def _check_indices(indices: Sequence[int] | None, n_rows: int, field: str) -> None:
-    if indices is None:
-        return
-    bad = [i for i in indices if i < 0 or i >= n_rows]
-    if bad:
-        raise InvalidInput(
-            f"{field}: index {bad[0]} is out of range for a dataset of {n_rows} rows"
-            + (f" ({len(bad)} indices out of range)" if len(bad) > 1 else ""),
-            field=field,
-        )
-
-
-def _check_fit(
-    model: Model, dataset: Dataset, store: Store, field: str, *, need_sensitive: bool = False
-) -> None:
-    """Input width and labels of `dataset` must suit `model` (422 naming `field` otherwise)."""
-    from service.domain.datasets import load_dataset_arrays
-    from service.domain.models import check_dataset_against_model
-
-    if need_sensitive and not dataset.has_sensitive:
-        raise InvalidInput(
-            f"{field}: dataset {dataset.id} has no `sensitive` column; fairness needs one",
-            field=field,
-        )
-    # Only y is read: the row already records the feature shape.
-    labels = load_dataset_arrays(dataset, store, names=("y",))["y"]
-    check_dataset_against_model(model, dataset.feature_shape, labels, field=field)
-
-
-def submit_job(
-    session: Session,
-    tenant: Tenant,
-    body: schemas.JobCreate,
-    store: Store,
-    *,
-    idempotency_key: str | None = None,
-    enqueue: Enqueue | None = None,
-) -> tuple[Job, bool]:
-    """Validate, write the job row (and idempotency key) in one transaction, then enqueue.
-
-    Returns (job, created). A retried request with the same Idempotency-Key returns the
-    original job with created=False; the same key with a different body is a Conflict.
-    If `enqueue` raises, the row keeps status queued with enqueue_failed=True so the
-    reconciler re-enqueues it.
-    """
-    digest = request_hash(body)
-    if idempotency_key is not None:
-        if not 1 <= len(idempotency_key) <= 200:
-            raise InvalidInput("Idempotency-Key must be 1..200 characters", field="Idempotency-Key")
-        existing = _find_idempotent(session, tenant.id, idempotency_key, digest)
-        if existing is not None:
-            return existing, False
-
-    params = parse_params(body.kind, body.params)
-    model = _owned(session, Model, tenant.id, body.model_id, "model_id")
-    dataset = _owned(session, Dataset, tenant.id, body.dataset_id, "dataset_id")
-    _validate_against_data(session, tenant, body.kind, params, model, dataset, store)
-
-    job = Job(
-        id=new_id(),
-        tenant_id=tenant.id,
-        kind=body.kind,
-        status="queued",
-        model_id=model.id,
-        dataset_id=dataset.id,
-        params=params.model_dump(mode="json"),
-        progress={"phase": "queued", "done": 0, "total": 0},
-        timings={},
-    )
-    session.add(job)
-    if idempotency_key is not None:
-        # No ORM relationship orders these inserts; the job row must exist first.
-        session.flush()
-        session.add(
-            IdempotencyKey(
-                tenant_id=tenant.id, key=idempotency_key, request_hash=digest, job_id=job.id
-            )
-        )
-    try:
-        session.commit()
-    except Exception:
-        session.rollback()
-        # A concurrent request with the same key won the race: answer with its job.
-        if idempotency_key is not None:
-            existing = _find_idempotent(session, tenant.id, idempotency_key, digest)
-            if existing is not None:
-                return existing, False
-        raise
-    logger.info("job %s submitted (%s, tenant %s)", job.id, job.kind, tenant.name)
-
-    _enqueue_after_commit(session, job, enqueue)
-    return job, True
-
-
-def _find_idempotent(session: Session, tenant_id: str, key: str, digest: str) -> Job | None:
-    row = session.scalar(
-        select(IdempotencyKey).where(
-            IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key
-        )
-    )
-    if row is None:
-        return None
-    if row.request_hash != digest:
-        raise Conflict(
-            "Idempotency-Key was already used with a different request body",
-            field="Idempotency-Key",
-        )
-    return session.get(Job, row.job_id)
-
-
-def _validate_against_data(
-    session: Session,
-    tenant: Tenant,
-    kind: str,
-    params: schemas._SolverParams,
-    model: Model,
-    dataset: Dataset,
-    store: Store,
-) -> None:
-    _check_fit(model, dataset, store, "dataset_id", need_sensitive=kind == "fairness")
-
-    if isinstance(params, schemas.UnlearningParams):
-        _check_indices(params.remove, dataset.n_rows, "params.remove")
-        if len(params.remove) >= dataset.n_rows:
-            raise InvalidInput("params.remove: cannot remove every training row",
-                               field="params.remove")
-    elif isinstance(params, schemas.AttributionParams):
-        test = _owned(session, Dataset, tenant.id, params.test_dataset_id,
-                      "params.test_dataset_id")
-        _check_fit(model, test, store, "params.test_dataset_id")
-        _check_indices(params.test_indices, test.n_rows, "params.test_indices")
-    elif isinstance(params, schemas.CvParams):
-        if params.k is not None and params.k >= dataset.n_rows:
-            raise InvalidInput(
-                f"params.k: must be smaller than the dataset's {dataset.n_rows} rows",
-                field="params.k",
-            )
-
-
-def _enqueue_after_commit(session: Session, job: Job, enqueue: Enqueue | None) -> None:
-    if enqueue is None:
-        from service.queue import enqueue_job
-
-        enqueue = enqueue_job
-    try:
-        enqueue(job.id)
-    except Exception:
-        logger.exception("enqueue of job %s failed; the reconciler will retry", job.id)
-        mark_enqueue_failed(session, job.id)
-
-
-def cancel_job(
-    session: Session,
-    tenant_id: str,
-    job_id: str,
-    *,
-    cancel_in_queue: Callable[[str], Any] | None = None,
-) -> Job:
-    """Queued -> cancelled now (and dropped from the queue); running -> cancel requested.
-
-    A terminal job is a JobStateError (409).
-    """
-    job = get_job(session, tenant_id, job_id)
-    now = utcnow()
-
-    done = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now,
-                progress={"phase": "cancelled", "done": 0, "total": 0})
-    ).rowcount
-    if done:
-        session.commit()
-        session.refresh(job)
-        _drop_from_queue(job_id, cancel_in_queue)
-        logger.info("job %s cancelled while queued", job_id)
-        return job
-
-    requested = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True)
-    ).rowcount
-    session.commit()
-    session.refresh(job)
-    if not requested:
-        raise JobStateError(f"job {job_id} is already {job.status}", status_now=job.status)
-    logger.info("job %s: cancellation requested while running", job_id)
-    return job
-
-
-def _drop_from_queue(job_id: str, cancel_in_queue: Callable[[str], Any] | None) -> None:
-    try:
-        if cancel_in_queue is None:
-            from service.queue import cancel_in_queue as cancel_in_queue
-        cancel_in_queue(job_id)
-    except Exception:
-        # The row already says cancelled, and claim_job refuses cancelled jobs.
-        logger.exception("could not remove job %s from the queue", job_id)
-
-
-# --- worker-facing ------------------------------------------------------------------------
+def updated_rows(session: Session, statement: Update) -> int:
+    """Execute an UPDATE; the number of rows it changed (conditional updates race safely)."""
+    result = cast(CursorResult[Any], session.execute(statement))
+    return int(result.rowcount)
 
 
 def _locked(session: Session, job_id: str) -> Job | None:
@@ -373,7 +62,8 @@ def _locked(session: Session, job_id: str) -> Job | None:
 def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
     """queued -> running for `worker` (attempts += 1); None if the job is not queued."""
     now = utcnow()
-    claimed = session.execute(
+    claimed = updated_rows(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == "queued")
         .values(
@@ -385,7 +75,7 @@ def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
             enqueue_failed=False,
             progress={"phase": "starting", "done": 0, "total": 0},
         )
-    ).rowcount
+    )
     session.commit()
     if not claimed:
         logger.info("job %s not claimed by %s: not queued", job_id, worker)
@@ -397,7 +87,8 @@ def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
 
 def heartbeat(session: Session, job_id: str) -> Job | None:
     """Refresh a running job's heartbeat; the fresh row (read `cancel_requested`, `status`)."""
-    session.execute(
+    updated_rows(
+        session,
         update(Job).where(Job.id == job_id, Job.status == "running").values(heartbeat_at=utcnow())
     )
     session.commit()
@@ -406,7 +97,8 @@ def heartbeat(session: Session, job_id: str) -> Job | None:
 
 def set_progress(session: Session, job_id: str, phase: str, done: int, total: int) -> Job | None:
     """Record a running job's progress (and beat); the fresh row, as heartbeat."""
-    session.execute(
+    updated_rows(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == "running")
         .values(
@@ -420,7 +112,8 @@ def set_progress(session: Session, job_id: str, phase: str, done: int, total: in
 
 def mark_cancelled(session: Session, job_id: str) -> Job | None:
     """A worker that honoured a cancel request: running -> cancelled. None if unknown."""
-    session.execute(
+    updated_rows(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status.in_(("queued", "running")))
         .values(status="cancelled", finished_at=utcnow())
@@ -431,7 +124,8 @@ def mark_cancelled(session: Session, job_id: str) -> Job | None:
 
 def fail_job(session: Session, job_id: str, code: str, message: str) -> Job | None:
     """Non-terminal -> failed with {code, message}; a terminal job is left as it is."""
-    session.execute(
+    updated_rows(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status.in_(("queued", "running")))
         .values(
@@ -662,7 +356,8 @@ def mark_enqueued(session: Session, job_id: str) -> None:
 
 def mark_enqueue_failed(session: Session, job_id: str) -> None:
     """The job is queued in the database but not on the queue: flag it for the reconciler."""
-    session.execute(
+    updated_rows(
+        session,
         update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueue_failed=True)
     )
     session.commit()
@@ -687,7 +382,8 @@ def requeue_or_fail(session: Session, job: Job, max_attempts: int) -> bool:
         )
         return False
 
-    moved = session.execute(
+    moved = updated_rows(
+        session,
         update(Job)
         .where(Job.id == job.id, Job.status == "running")
         .values(
@@ -697,7 +393,7 @@ def requeue_or_fail(session: Session, job: Job, max_attempts: int) -> bool:
             enqueue_failed=True,
             progress={"phase": "requeued", "done": 0, "total": 0},
         )
-    ).rowcount
+    )
     session.commit()
     session.refresh(job)
     if moved:

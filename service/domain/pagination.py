@@ -6,13 +6,11 @@ import base64
 import binascii
 import json
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Select, and_, or_
 
 from service.errors import InvalidInput
-
-T = TypeVar("T", bound=tuple[Any, ...])
 
 MAX_LIMIT = 100
 
@@ -39,7 +37,7 @@ def check_limit(limit: int) -> int:
     return limit
 
 
-def paginate(stmt: Select[T], entity: Any, limit: int, cursor: str | None) -> Select[T]:
+def paginate(stmt: Select[Any], entity: Any, limit: int, cursor: str | None) -> Select[Any]:
     """Order `stmt` newest first and start after `cursor`; fetch limit+1 to see a next page."""
     check_limit(limit)
     if cursor:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from models_store import Store
 from service import schemas
-from service.domain import jobs as domain
+from service.domain import submission as domain
 from service.models import Tenant
 from service.routes.deps import current_tenant, get_session, get_store
 

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from models_store import LocalStore
 from service import schemas
 from service.auth import get_or_create_tenant
-from service.domain import datasets, jobs, models
+from service.domain import datasets, jobs, models, submission
 from service.errors import JobStateError
 from service.models import Artifact, Job, Model, utcnow
 from tests.service.helpers import breast_cancer, logreg_spec, logreg_weights, npz_file
@@ -36,7 +36,7 @@ def queued(db_session, store):
                                         store)
     body = schemas.JobCreate(kind="unlearning", model_id=model.id, dataset_id=dataset.id,
                              params={"remove": [4, 2]})
-    job, created = jobs.submit_job(db_session, tenant, body, store, enqueue=lambda _id: None)
+    job, created = submission.submit_job(db_session, tenant, body, store, enqueue=lambda _id: None)
     assert created
     return job
 
@@ -56,7 +56,7 @@ def test_progress_is_recorded_and_reports_cancel(db_session, queued):
     assert row.progress == {"phase": "solve", "done": 3, "total": 10}
     assert row.cancel_requested is False
 
-    jobs.cancel_job(db_session, queued.tenant_id, queued.id, cancel_in_queue=lambda _id: True)
+    submission.cancel_job(db_session, queued.tenant_id, queued.id, cancel_in_queue=lambda _id: True)
     assert jobs.set_progress(db_session, queued.id, "solve", 4, 10).cancel_requested is True
 
 
@@ -114,7 +114,7 @@ def test_fail_job_and_terminal_jobs_cannot_complete(db_session, queued, store):
     failed = jobs.fail_job(db_session, queued.id, "solver_diverged", "residual grew to 1e9")
 
     assert failed.status == "failed" and failed.error_code == "solver_diverged"
-    public = jobs.job_public(failed)
+    public = submission.job_public(failed)
     assert public.error == schemas.JobError(code="solver_diverged", message="residual grew to 1e9")
     with pytest.raises(JobStateError):
         jobs.complete_job(db_session, queued.id, values={}, arrays={}, timings={},
