@@ -22,10 +22,12 @@ _lock = threading.Lock()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # SQLite leaves foreign keys off by default; busy_timeout lets API and workers share it.
+    # SQLite leaves foreign keys off by default; busy_timeout and WAL (readers never block
+    # the writer) let the API, workers and reconciler share one file.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
 
 
