@@ -144,3 +144,25 @@ def test_stale_jobs_are_requeued_then_failed(db_session, queued):
     assert jobs.requeue_or_fail(db_session, second, max_attempts=2) is False
     row = db_session.get(Job, queued.id)
     assert row.status == "failed" and row.error_code == "worker_lost"
+
+
+def test_idempotency_race_returns_the_winner(db_session, queued, store, monkeypatch):
+    # Both requests saw no key; the loser's commit hits the unique constraint.
+    tenant = get_or_create_tenant(db_session, "alice")
+    body = schemas.JobCreate(kind="unlearning", model_id=queued.model_id,
+                             dataset_id=queued.dataset_id, params={"remove": [1]})
+    winner, _ = submission.submit_job(db_session, tenant, body, store, idempotency_key="k",
+                                      enqueue=lambda _id: None)
+    real = submission._find_idempotent
+    calls = []
+
+    def blind_once(*args):
+        calls.append(args)
+        return None if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(submission, "_find_idempotent", blind_once)
+    loser, created = submission.submit_job(db_session, tenant, body, store, idempotency_key="k",
+                                           enqueue=lambda _id: None)
+
+    assert (loser.id, created) == (winner.id, False)
+    assert db_session.scalar(select(func.count()).select_from(Job)) == 2
