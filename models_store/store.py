@@ -52,6 +52,8 @@ def _check_digest(sha256: str) -> str:
 class Store(Protocol):
     """What the service needs from a blob store (a local folder or an S3 bucket)."""
 
+    # Limitation: only LocalStore exists; an S3 backend would implement these five methods.
+
     def put(self, data: bytes) -> StoredBlob: ...
 
     def get(self, sha256: str, verify: bool = True) -> bytes: ...

@@ -51,6 +51,8 @@ def updated_rows(session: Session, statement: Update) -> int:
     return int(result.rowcount)
 
 
+# Limitation: SQLite ignores FOR UPDATE; there the conditional UPDATEs (status in the
+# WHERE clause) are what keep two workers from both claiming or completing a job.
 def _locked(session: Session, job_id: str) -> Job | None:
     return session.scalar(
         select(Job).where(Job.id == job_id).with_for_update().execution_options(

@@ -153,6 +153,8 @@ def _check_fit(
             field=field,
         )
     # Only y is read: the row already records the feature shape.
+    # Limitation: each submission reads the stored labels again (O(n_rows)); label summaries
+    # kept on the row would not do, since the family rule depends on the model.
     labels = load_dataset_arrays(dataset, store, names=("y",))["y"]
     check_dataset_against_model(model, dataset.feature_shape, labels, field=field)
 

@@ -104,6 +104,8 @@ async def read_file_part(form: FormData, name: str, limit: int, *, required: boo
         return b""
     if not isinstance(part, UploadFile):
         raise InvalidInput(f"{name}: must be a file part, not a plain field", field=name)
+    # Limitation: the whole upload (at most AFIF_MAX_UPLOAD_BYTES) is held in memory while it
+    # is validated; safetensors and npz parsing want bytes, and the limit bounds the cost.
     chunks: list[bytes] = []
     size = 0
     while chunk := await part.read(_CHUNK):

@@ -94,6 +94,7 @@ def get_artifact(
 ) -> Response:
     """A result array as a .npy file (load with numpy.load(..., allow_pickle=False))."""
     artifact = domain.get_artifact(session, tenant.id, job_id, name)
+    # Limitation: served from memory, so the blob can be hash-checked before it is sent.
     return Response(
         store.get(artifact.sha256, verify=True),
         media_type="application/octet-stream",
