@@ -14,9 +14,14 @@ from tests.integration.stack import (
     Fitted,
     Stack,
     Uploaded,
+    distance,
+    download_weights,
     fetch_array,
     fit_logreg,
+    influence_step,
+    log_loss,
     result_of,
+    sigmoid,
     submit,
     wait_for,
 )
@@ -25,42 +30,6 @@ pytestmark = pytest.mark.integration
 
 # Results seen during the module, re-read after the stack restarts (last test).
 SEEN: dict[str, dict[str, Any]] = {}
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
-
-
-def log_loss(X: np.ndarray, y: np.ndarray, coef: np.ndarray, intercept: float) -> float:
-    """Mean Bernoulli negative log-likelihood, float64."""
-    z = X.astype(np.float64) @ coef + intercept
-    return float(np.mean(np.logaddexp(0.0, z) - y * z))
-
-
-def download_weights(client: httpx.Client, model_id: str) -> tuple[np.ndarray, float]:
-    from safetensors.numpy import load
-
-    answer = client.get(f"/v1/models/{model_id}/weights")
-    assert answer.status_code == 200, answer.text
-    tensors = load(answer.content)
-    return tensors["0.weight"].astype(np.float64).ravel(), float(tensors["0.bias"][0])
-
-
-def distance(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> float:
-    return float(np.linalg.norm(np.append(a[0] - b[0], a[1] - b[1])))
-
-
-def influence_step(fitted: Fitted, remove: list[int]) -> tuple[np.ndarray, float]:
-    """θ̂ + (1/n) C⁻¹ Σ_{i∈S} g_i with C the full regularized Hessian at θ̂, numpy float64."""
-    n = fitted.n
-    X = np.hstack([fitted.X.astype(np.float64), np.ones((n, 1))])
-    theta = np.append(fitted.coef, fitted.intercept)
-    p = sigmoid(X @ theta)
-    penalty = np.diag(np.append(np.full(X.shape[1] - 1, fitted.strength), 0.0))
-    curvature = (X.T * (p * (1 - p))) @ X / n + penalty
-    removed_gradients = ((p - fitted.y)[:, None] * X)[remove].sum(0)
-    step = np.linalg.solve(curvature, removed_gradients) / n
-    return (theta + step)[:-1], float((theta + step)[-1])
 
 
 def test_unlearning_one_step_and_refined(

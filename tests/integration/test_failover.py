@@ -1,0 +1,229 @@
+"""Lost workers, on a stack laid out like docker-compose: separate `afif migrate`, `afif api`,
+`afif worker` and `afif reconcile` processes sharing Redis and PostgreSQL (SQLite when the
+PostgreSQL server binaries are absent). A worker SIGKILLed mid-job never leaves the job
+stuck: it is retried and succeeds, or fails with a reason after AFIF_MAX_ATTEMPTS."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, text
+
+from service.queue import EmbeddedRedis
+from tests.integration.stack import (
+    REPO,
+    SLOW_PARAMS,
+    Fitted,
+    Uploaded,
+    afif,
+    distance,
+    download_weights,
+    free_port,
+    influence_step,
+    result_of,
+    stack_env,
+    submit,
+    upload_dataset,
+    upload_model,
+    wait_for,
+    wait_http,
+)
+
+pytestmark = pytest.mark.integration
+
+MAX_ATTEMPTS = 2
+
+
+@dataclass
+class SplitStack:
+    """One process per role, as in docker-compose.yml; workers started and killed at will."""
+
+    data_dir: Path
+    env: dict[str, str]
+    database_url: str
+    port: int = field(default_factory=free_port)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self, *args: str) -> subprocess.Popen:
+        log = open(self.data_dir / f"{args[0]}-{len(self.processes)}.log", "w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def worker(self) -> subprocess.Popen:
+        return self.spawn("worker")
+
+    def worker_of(self, job_id: str) -> str | None:
+        """The worker name recorded on the job row (host.pid.suffix)."""
+        engine = create_engine(self.database_url)
+        try:
+            with engine.connect() as connection:
+                return connection.execute(
+                    text("SELECT worker FROM jobs WHERE id = :id"), {"id": job_id}
+                ).scalar()
+        finally:
+            engine.dispose()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"== {path.name}\n{path.read_text()[-3000:]}" for path in self.data_dir.glob("*.log")
+        )
+
+
+def _database_url(request: pytest.FixtureRequest, data_dir: Path) -> str:
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        return f"sqlite:///{data_dir / 'afif.db'}"
+    server = request.getfixturevalue("pg_server")
+    name = f"failover_{os.getpid()}"
+    server.execute(f"CREATE DATABASE {name}")
+    return str(server.url(name))
+
+
+@pytest.fixture(scope="module")
+def split(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SplitStack]:
+    data_dir = tmp_path_factory.mktemp("afif-split")
+    redis_server = EmbeddedRedis(data_dir)
+    redis_server.start()
+    database_url = _database_url(request, data_dir)
+    env = stack_env(
+        data_dir, REDIS_URL=redis_server.url, DATABASE_URL=database_url,
+        AFIF_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
+    )
+    stack = SplitStack(data_dir=data_dir, env=env, database_url=database_url)
+    try:
+        afif("migrate", env=env)
+        stack.spawn("api", "--port", str(stack.port))
+        stack.spawn("reconcile", "--interval", "0.5")
+        wait_http(stack.url)
+        yield stack
+    finally:
+        for process in stack.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in stack.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def carol(split: SplitStack) -> Iterator[httpx.Client]:
+    key = afif("keys", "create", "--tenant", "carol", env=split.env).stdout.strip().splitlines()[-1]
+    with httpx.Client(
+        base_url=split.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def carol_data(carol: httpx.Client, fitted: Fitted) -> Uploaded:
+    return Uploaded(
+        model=upload_model(carol, fitted),
+        train=upload_dataset(carol, "train", X=fitted.X, y=fitted.y),
+        test=upload_dataset(carol, "test", X=fitted.X_test, y=fitted.y_test),
+    )
+
+
+def _runs(split: SplitStack, client: httpx.Client, job_id: str,
+          worker: subprocess.Popen) -> bool:
+    if client.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+        return False
+    name = split.worker_of(job_id)
+    return name is not None and name.split(".")[-2] == str(worker.pid)
+
+
+def kill_worker_running(split: SplitStack, client: httpx.Client, job_id: str,
+                        worker: subprocess.Popen) -> None:
+    """Wait until `worker` runs the job, then SIGKILL it (no chance to hand the job back)."""
+    deadline = time.monotonic() + 60
+    while not _runs(split, client, job_id, worker):
+        assert time.monotonic() < deadline, f"worker {worker.pid} never ran job {job_id}"
+        assert worker.poll() is None, f"worker exited:\n{split.logs()}"
+        time.sleep(0.1)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=10)
+
+
+def test_killed_worker_job_is_retried_and_succeeds(
+    split: SplitStack, carol: httpx.Client, carol_data: Uploaded, fitted: Fitted
+) -> None:
+    first = split.worker()
+    job = submit(carol, "unlearning", carol_data, **SLOW_PARAMS)
+    kill_worker_running(split, carol, job["id"], first)
+
+    # The reconciler finds the silent job and requeues it; a fresh worker takes it.
+    requeued = wait_for(carol, job["id"], {"queued", "succeeded", "failed"}, timeout=60)
+    assert requeued["status"] == "queued", requeued
+    second = split.worker()
+    result = result_of(carol, job["id"])
+    finished = carol.get(f"/v1/jobs/{job['id']}").json()
+    assert finished["attempts"] == 2
+    assert split.worker_of(job["id"]).split(".")[-2] == str(second.pid)
+
+    # The retry computed the same thing a clean run computes (LiSSA converges here).
+    unlearned = download_weights(carol, result["model_id"])
+    expected = influence_step(fitted, SLOW_PARAMS["remove"])
+    original = (fitted.coef, fitted.intercept)
+    assert distance(unlearned, expected) < 1e-3 * distance(original, expected)
+    second.terminate()
+    assert second.wait(timeout=30) == 0
+
+
+def test_job_that_keeps_killing_workers_fails_with_a_reason(
+    split: SplitStack, carol: httpx.Client, carol_data: Uploaded
+) -> None:
+    job = submit(carol, "unlearning", carol_data, **SLOW_PARAMS)
+    for _ in range(MAX_ATTEMPTS):
+        worker = split.worker()
+        kill_worker_running(split, carol, job["id"], worker)
+
+    failed = wait_for(carol, job["id"], timeout=60)
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "worker_lost"
+    assert f"{MAX_ATTEMPTS} time" in failed["error"]["message"]
+    assert failed["attempts"] == MAX_ATTEMPTS
+    assert carol.get(f"/v1/jobs/{job['id']}/result").status_code == 409
+
+
+def test_queued_job_waits_for_a_worker_and_survives_an_api_restart(
+    split: SplitStack, carol: httpx.Client, carol_data: Uploaded
+) -> None:
+    # No worker is running: the job waits queued (the reconciler must not fail it).
+    job = submit(carol, "cv", carol_data, folds=2, solver="exact")
+    time.sleep(2.0)
+    assert carol.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+
+    api = split.processes[0]
+    api.send_signal(signal.SIGTERM)
+    # uvicorn shuts down cleanly, then re-raises the signal (exit status -SIGTERM).
+    assert api.wait(timeout=30) in (0, -signal.SIGTERM)
+    split.processes[0] = split.spawn("api", "--port", str(split.port))
+    wait_http(split.url)
+    worker = split.worker()
+    result = result_of(carol, job["id"])
+    assert len(result["per_fold"]) == 2 and np.isfinite(result["estimate"])
+    worker.terminate()
+    assert worker.wait(timeout=30) == 0
