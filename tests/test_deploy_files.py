@@ -48,10 +48,10 @@ def _afif_command_lines() -> list[tuple[str, list[str]]]:
 
 
 def _exercised_subcommands() -> set[str]:
-    """Subcommands the integration tests run as real processes (`afif(...)` helpers,
-    `"service.cli", "<sub>"` argv lists)."""
+    """Subcommands the integration tests run as real processes (the `afif(...)` and
+    `spawn(...)` helpers, `"service.cli", "<sub>"` argv lists)."""
     text = "\n".join(p.read_text() for p in INTEGRATION_TESTS.glob("*.py"))
-    found = set(re.findall(r'afif\(\s*"([a-z-]+)"', text))
+    found = set(re.findall(r'(?:afif|spawn)\(\s*"([a-z-]+)"', text))
     found |= set(re.findall(r'"service\.cli",\s*"([a-z-]+)"', text))
     return found
 
