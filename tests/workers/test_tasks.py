@@ -1,0 +1,194 @@
+"""`workers.tasks.run_job` in-process on a real database, store and engine: outcomes,
+error codes, the job id on every log line, and the bounded progress rate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load
+
+from service.db import session_scope
+from service.domain import jobs as domain
+from service.domain import submission
+from service.models import Dataset, Job, Model, Tenant
+from service.storage import get_store
+from tests.integration.stack import (
+    Fitted,
+    distance,
+    influence_step,
+    make_fitted,
+    npz_bytes,
+    safetensors_bytes,
+)
+from workers import tasks
+from workers.logcontext import JobIdFilter
+
+
+@pytest.fixture(scope="module")
+def fitted() -> Fitted:
+    return make_fitted()
+
+
+def make_job(fitted: Fitted, kind: str, params: dict[str, Any], weights: bytes | None = None,
+             status: str = "queued") -> str:
+    """Store the blobs, write tenant/model/dataset/job rows; returns the job id."""
+    store = get_store()
+    weights = weights or safetensors_bytes(fitted.coef, fitted.intercept)
+    data = npz_bytes(X=fitted.X, y=fitted.y)
+    model_blob, data_blob = store.put(weights), store.put(data)
+    with session_scope() as session:
+        tenant = Tenant(name=f"tenant-{np.random.default_rng().integers(1 << 30)}")
+        session.add(tenant)
+        session.flush()
+        model = Model(
+            tenant_id=tenant.id, name="logreg", family="bernoulli",
+            architecture={"layers": [{"type": "linear", "in_features": 30, "out_features": 1}]},
+            regularizer={"kind": "l2", "strength": fitted.strength, "exclude": ["0.bias"]},
+            scope=None, n_parameters=31, sha256=model_blob.sha256, size_bytes=model_blob.size,
+        )
+        dataset = Dataset(
+            tenant_id=tenant.id, name="train", n_rows=fitted.n, n_features=30,
+            feature_shape=[30], y_dtype="int64", has_sensitive=False, source_format="npz",
+            sha256=data_blob.sha256, size_bytes=data_blob.size,
+        )
+        session.add_all([model, dataset])
+        session.flush()
+        job = Job(tenant_id=tenant.id, kind=kind, model_id=model.id, dataset_id=dataset.id,
+                  params=params, status=status)
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def row(job_id: str) -> Job:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_unlearning_job_succeeds_with_model_versions_and_timings(
+    runtime: Path, fitted: Fitted
+) -> None:
+    remove = [3, 5, 8]
+    job_id = make_job(fitted, "unlearning", {"remove": remove, "solver": "exact"})
+
+    tasks.run_job(job_id)
+
+    job = row(job_id)
+    assert job.status == "succeeded", (job.error_code, job.error_message)
+    assert job.attempts == 1 and job.device == "cpu"
+    assert {"afif", "torch", "numpy"} <= set(job.versions or {})
+    assert job.timings and job.timings["load"] >= 0
+    with session_scope() as session:
+        child = session.get(Model, job.result["model_id"])
+        assert child is not None and child.removed_indices == remove
+        tensors = load(get_store().get(child.sha256))
+    new = (tensors["0.weight"].astype(np.float64).ravel(), float(tensors["0.bias"][0]))
+    expected = influence_step(fitted, remove)
+    assert distance(new, expected) < 1e-4 * distance((fitted.coef, fitted.intercept), expected)
+
+
+def test_weights_that_do_not_fit_fail_as_invalid_input(runtime: Path, fitted: Fitted) -> None:
+    import torch
+    from safetensors.torch import save
+
+    wrong = save({"0.weight": torch.zeros(1, 29), "0.bias": torch.zeros(1)})
+    job_id = make_job(fitted, "cv", {"folds": 2}, weights=wrong)
+
+    tasks.run_job(job_id)
+
+    job = row(job_id)
+    assert (job.status, job.error_code) == ("failed", "invalid_input")
+    assert "0.weight" in (job.error_message or "")
+
+
+def test_diverging_solver_fails_with_its_residual(runtime: Path, fitted: Fitted) -> None:
+    # A LiSSA scale far below the largest curvature eigenvalue makes the series blow up.
+    job_id = make_job(fitted, "unlearning", {
+        "remove": [0], "method": "hessian", "solver": "lissa",
+        "solver_options": {"scale": 0.001, "depth": 2000, "batch_size": 400},
+    })
+
+    tasks.run_job(job_id)
+
+    job = row(job_id)
+    assert (job.status, job.error_code) == ("failed", "solver_diverged")
+    assert "residual" in (job.error_message or "")
+
+
+def test_lost_blob_fails_as_internal_error(runtime: Path, fitted: Fitted) -> None:
+    job_id = make_job(fitted, "cv", {"folds": 2})
+    with session_scope() as session:
+        digest = session.get(Model, row(job_id).model_id).sha256
+    get_store().delete(digest)
+
+    tasks.run_job(job_id)
+
+    job = row(job_id)
+    assert (job.status, job.error_code) == ("failed", "internal_error")
+    assert digest in (job.error_message or "")
+
+
+def test_cancelled_or_finished_jobs_are_skipped(runtime: Path, fitted: Fitted) -> None:
+    for status in ("cancelled", "succeeded", "running"):
+        job_id = make_job(fitted, "cv", {"folds": 2}, status=status)
+        tasks.run_job(job_id)
+        job = row(job_id)
+        assert (job.status, job.attempts) == (status, 0)
+
+
+def test_every_log_line_of_a_job_carries_its_id(
+    runtime: Path, fitted: Fitted, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = make_job(fitted, "cv", {"folds": 2, "solver": "exact"})
+    caplog.handler.addFilter(JobIdFilter())
+    caplog.set_level(logging.DEBUG)
+
+    tasks.run_job(job_id)
+
+    assert row(job_id).status == "succeeded"
+    assert caplog.records, "the job logged nothing"
+    for record in caplog.records:
+        assert record.job_id == job_id, record.getMessage()
+        assert f"[job {job_id}]" in record.getMessage()
+
+
+def test_progress_is_written_at_a_bounded_rate(
+    runtime: Path, fitted: Fitted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = make_job(fitted, "cv", {"folds": 2})
+    with session_scope() as session:
+        assert domain.claim_job(session, job_id, "test") is not None
+    writes: list[tuple[str, int, int]] = []
+    real = domain.set_progress
+
+    def counting(session: Any, job: str, phase: str, done: int, total: int) -> Any:
+        writes.append((phase, done, total))
+        return real(session, job, phase, done, total)
+
+    monkeypatch.setattr(domain, "set_progress", counting)
+    beat = tasks.Beat(job_id, interval=60.0)  # no heartbeat flush during the test
+    for done in range(500):
+        beat.progress("solve", done, 500)
+
+    assert writes == [("solve", 0, 500)], "one write per PROGRESS_WRITE_INTERVAL_SECONDS"
+    beat._write_progress()  # what the heartbeat thread does at its next beat
+    assert writes[-1] == ("solve", 499, 500)
+    assert row(job_id).progress == {"phase": "solve", "done": 499, "total": 500}
+
+
+def test_cancel_request_stops_a_running_job(runtime: Path, fitted: Fitted) -> None:
+    job_id = make_job(fitted, "cv", {"folds": 2})
+    with session_scope() as session:
+        domain.claim_job(session, job_id, "test")
+        tenant_id = row(job_id).tenant_id
+        submission.cancel_job(session, tenant_id, job_id, cancel_in_queue=lambda _: None)
+    beat = tasks.Beat(job_id, interval=60.0)
+
+    with pytest.raises(tasks.JobCancelled):
+        beat.progress("solve", 1, 10)
