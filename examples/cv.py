@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data, name = load_sklearn("breast_cancer", seed=args.seed), "breast_cancer"
     if args.quick:
-        hidden, checkpoints = 32, [1, 4, 16]
+        hidden, checkpoints = 8, [1, 4, 16]
     else:
         hidden, checkpoints = 1024, [1, 2, 4, 8, 16, 32, 64, 128]
     with common.connect(args) as client:
