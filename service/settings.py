@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'afif.db').resolve()}"
 
     @property
+    def max_array_bytes(self) -> int:
+        """Largest decompressed size of an uploaded .npz's arrays (8x the upload limit), bytes;
+        refuses zip bombs before they are inflated."""
+        return 8 * self.max_upload_bytes
+
+    @property
     def store_dir(self) -> Path:
         """Root folder of the local content-addressed store."""
         return self.data_dir / "store"

@@ -21,7 +21,7 @@ from models_store import Store
 from service import schemas
 from service.domain.pagination import page as split_page
 from service.domain.pagination import paginate
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound, PayloadTooLarge
 from service.models import Dataset, Tenant, new_id
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,25 @@ def detect_format(filename: str | None, data: bytes) -> str:
     )
 
 
-def _read_npz(data: bytes) -> dict[str, np.ndarray]:
+def _check_expansion(data: bytes, max_array_bytes: int | None) -> None:
+    # The zip directory states each member's inflated size; refuse before inflating.
+    if max_array_bytes is None:
+        return
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except zipfile.BadZipFile:
+        return  # np.load reports it with a better message
+    if inflated > max_array_bytes:
+        raise PayloadTooLarge(
+            f"file: the .npz arrays expand to {inflated} bytes, more than {max_array_bytes} "
+            "(8 x AFIF_MAX_UPLOAD_BYTES)",
+            field="file",
+        )
+
+
+def _read_npz(data: bytes, max_array_bytes: int | None = None) -> dict[str, np.ndarray]:
+    _check_expansion(data, max_array_bytes)
     try:
         archive = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:
@@ -190,13 +208,21 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def parse_dataset(
-    filename: str | None, data: bytes, meta: schemas.DatasetMeta | None
+    filename: str | None,
+    data: bytes,
+    meta: schemas.DatasetMeta | None,
+    max_array_bytes: int | None = None,
 ) -> tuple[dict[str, np.ndarray], str]:
     """Upload bytes -> (normalized arrays, source format); errors name the field."""
     if not data:
         raise InvalidInput("file: the upload is empty", field="file")
     fmt = detect_format(filename, data)
-    raw = _read_npz(data) if fmt == "npz" else _read_table(data, fmt, meta)
+    # Limitation: only .npz is checked for decompression bombs; a parquet file's compressed
+    # columns are inflated by pyarrow without a bound beyond the upload limit.
+    if fmt == "npz":
+        raw = _read_npz(data, max_array_bytes)
+    else:
+        raw = _read_table(data, fmt, meta)
     try:
         return normalize(raw), fmt
     except InvalidInput as exc:
@@ -215,9 +241,10 @@ def register_dataset(
     data: bytes,
     meta: schemas.DatasetMeta | None,
     store: Store,
+    max_array_bytes: int | None = None,
 ) -> Dataset:
     """Validate and normalize an upload, store it as .npz, write the row (all or nothing)."""
-    arrays, fmt = parse_dataset(filename, data, meta)
+    arrays, fmt = parse_dataset(filename, data, meta, max_array_bytes)
     X = arrays["X"]
     name = (meta.name if meta and meta.name else None) or PurePath(filename or "dataset").stem
 

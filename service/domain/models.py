@@ -52,8 +52,11 @@ def validate_model(spec: schemas.ModelCreate, tensors: dict[str, Any]) -> int:
     from engine.regularizers import make_regularizer
     from engine.spec import build_model, load_weights, output_dim, parameter_count
 
+    # The weights bound the size, so a tiny file cannot make us allocate a giant architecture;
+    # the slack lets a near miss reach load_weights, whose message names the tensors.
+    supplied = sum(int(t.numel()) for t in tensors.values())
     try:
-        module = build_model(spec.architecture)
+        module = build_model(spec.architecture, max_parameters=max(2 * supplied, 100_000))
     except SpecError as exc:
         raise _spec_error(exc, "spec.architecture") from None
     try:

@@ -65,7 +65,8 @@ async def upload_dataset(
     finally:
         await form.close()
     dataset = await run_in_threadpool(
-        domain.register_dataset, session, tenant, filename, data, meta, store
+        domain.register_dataset, session, tenant, filename, data, meta, store,
+        settings.max_array_bytes,
     )
     return domain.dataset_public(dataset)
 

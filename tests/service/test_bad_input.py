@@ -193,6 +193,19 @@ def _chunked_oversized_upload(api, ctx):
     return api.client.post("/v1/datasets", headers=headers, content=chunks())
 
 
+def _npz_bomb(api, ctx):
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, X=np.zeros((20_000, 30)), y=np.zeros(20_000))
+    assert len(buffer.getvalue()) < 64 * 1024  # small on the wire, 5 MB inflated
+    return api.post_dataset(buffer.getvalue())
+
+
+CASES["npz decompression bomb"] = (_npz_bomb, 413, "file", "expand to")
+CASES["architecture larger than its weights"] = (
+    lambda api, ctx: api.post_model(
+        spec=_spec(architecture={"layers": [{"type": "linear", "in_features": 30,
+                                             "out_features": 100_000}]})),
+    422, "spec.architecture", "parameters")
 CASES["oversized chunked upload"] = (_chunked_oversized_upload, 413, "file",
                                      "AFIF_MAX_UPLOAD_BYTES")
 
