@@ -147,7 +147,7 @@ def _lbfgs(problem: Problem, theta: Tensor, w: Tensor | None, max_iter: int, tol
     iterations = 0
     for _ in range(5):
         opt.step(closure)
-        iterations = int(opt.state[opt._params[0]]["n_iter"])
+        iterations += int(opt.state[opt._params[0]]["n_iter"])
         _, grad = _value_and_grad(problem, x, w, smooth_penalty=True)
         if float(grad.abs().max()) <= tol or iterations >= max_iter:
             break
@@ -173,7 +173,8 @@ def _fista(problem: Problem, theta: Tensor, w: Tensor | None, max_iter: int, tol
         fy, gy = _value_and_grad(problem, y, w, smooth_penalty=False)
         while True:
             x = problem.reg_prox(y - gy / L, 1.0 / L)
-            fx, _ = _value_and_grad(problem, x, w, smooth_penalty=False)
+            with torch.no_grad():
+                fx = problem.objective(problem.unflatten(x), w) - problem.reg_value(x)
             step = x - y
             if float(fx) <= float(fy) + float(gy @ step) + 0.5 * L * float(step @ step) + 1e-15:
                 break

@@ -12,6 +12,10 @@ from engine.problem import Problem
 from engine.regularizers import make_regularizer
 from engine.spec import build_model
 
+# Tiny models on a shared 2-core machine: a second intra-op thread only adds OpenMP
+# contention (measured 20-50x slower per product when other processes are busy).
+torch.set_num_threads(1)
+
 
 def _standardized(X: np.ndarray) -> np.ndarray:
     return StandardScaler().fit_transform(X)
