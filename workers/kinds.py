@@ -30,6 +30,7 @@ class Inputs:
     """
 
     problem: Any
+    job_id: str = ""
     test_X: np.ndarray | None = None
     test_y: np.ndarray | None = None
     sensitive: np.ndarray | None = None
@@ -121,25 +122,35 @@ def run_cv(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutcome:
         progress=progress,
         **_solver_args(params),
     )
-    result.values["per_fold"] = per_fold(result.arrays, get_settings().inline_max)
+    result.values["per_fold"] = per_fold(result.arrays, get_settings().inline_max, inputs.job_id)
     return KindOutcome(result, removed=None)
 
 
-def per_fold(arrays: dict[str, np.ndarray], inline_max: int) -> list[dict[str, Any]]:
-    """One entry per fold: its loss, and its held-out rows as `offset`/`size` into the
-    `folds` array, plus the row `indices` themselves when a fold has <= inline_max rows.
+def per_fold(arrays: dict[str, np.ndarray], inline_max: int, job_id: str) -> list[dict[str, Any]]:
+    """One entry per fold: its `loss`, `size` and held-out row `indices`.
+
+    A fold larger than `inline_max` rows gets its indices as an artifact of its own,
+    `fold_<j>_indices`, referenced the way the service references every artifact;
+    smaller folds list them inline.
     """
     rows = np.asarray(arrays["folds"]).ravel()
     starts = [int(s) for s in np.asarray(arrays["fold_starts"]).ravel()]
     losses = np.asarray(arrays["fold_losses"], dtype=np.float64).ravel()
     stops = starts[1:] + [len(rows)]
     entries = []
-    for start, stop, loss in zip(starts, stops, losses, strict=True):
-        entry: dict[str, Any] = {"loss": float(loss), "offset": start, "size": stop - start}
-        # Limitation: a fold larger than AFIF_INLINE_MAX lists no `indices` inline; its
-        # rows are folds[offset:offset+size] in the `folds` artifact.
-        if stop - start <= inline_max:
-            entry["indices"] = [int(i) for i in rows[start:stop]]
+    for j, (start, stop, loss) in enumerate(zip(starts, stops, losses, strict=True)):
+        held = rows[start:stop].astype(np.int64)
+        entry: dict[str, Any] = {"loss": float(loss), "size": int(stop - start)}
+        if held.size <= inline_max:
+            entry["indices"] = [int(i) for i in held]
+        else:
+            name = f"fold_{j}_indices"
+            arrays[name] = held
+            entry["indices"] = {
+                "artifact": f"/v1/jobs/{job_id}/artifacts/{name}",
+                "shape": [int(held.size)],
+                "dtype": "int64",
+            }
         entries.append(entry)
     return entries
 

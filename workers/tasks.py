@@ -244,7 +244,7 @@ def load_inputs(job: Job, params: Any, beat: Beat) -> Inputs:
         scope=model.scope,
         device=compute_device(),
     )
-    inputs = Inputs(problem=problem, sensitive=train.get("sensitive"))
+    inputs = Inputs(problem=problem, job_id=job.id, sensitive=train.get("sensitive"))
 
     if test_dataset is not None:
         test = load_npz(store.get(test_dataset.sha256, verify=True))

@@ -286,10 +286,14 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str] = TERMINAL,
 
 
 def result_of(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    """The result of a job once it succeeded, checked against the kind's result schema."""
+    from service.schemas import RESULT_BY_KIND
+
     job = wait_for(client, job_id)
     assert job["status"] == "succeeded", job
     answer = client.get(f"/v1/jobs/{job_id}/result")
     assert answer.status_code == 200, answer.text
+    RESULT_BY_KIND[job["kind"]].model_validate(answer.json())
     return answer.json()
 
 

@@ -122,14 +122,16 @@ def test_attribution_predicts_leave_one_out_refits(
 def test_cv_matches_influence_steps_and_beats_in_sample_loss(
     alice: httpx.Client, fitted: Fitted, uploaded: Uploaded
 ) -> None:
-    job = submit(alice, "cv", uploaded, folds=4, seed=3, solver="exact")
+    # Folds of 133-134 rows exceed AFIF_INLINE_MAX=100: their indices are artifacts.
+    job = submit(alice, "cv", uploaded, folds=3, seed=3, solver="exact")
     result = result_of(alice, job["id"])
     SEEN[job["id"]] = result
-    assert len(result["per_fold"]) == 4
+    assert len(result["per_fold"]) == 3
 
     refit, in_sample, seen_rows = [], [], []
     for fold in result["per_fold"]:
-        held = np.asarray(fold["indices"], dtype=np.int64)
+        assert set(fold["indices"]) == {"artifact", "shape", "dtype"}
+        held = fetch_array(alice, fold["indices"]).astype(np.int64)
         seen_rows.extend(held.tolist())
         X_held, y_held = fitted.X[held], fitted.y[held]
 
@@ -142,10 +144,11 @@ def test_cv_matches_influence_steps_and_beats_in_sample_loss(
         in_sample.append(log_loss(X_held, y_held, fitted.coef, fitted.intercept))
     assert sorted(seen_rows) == list(range(fitted.n)), "folds must partition the rows"
 
-    # Against true K-fold refits the estimate beats the optimistic in-sample loss.
+    # Against true K-fold refits, the estimate corrects part of the optimism of the
+    # in-sample loss (one step from θ̂ undershoots a third of the data removed).
     estimate = result["estimate"]
     assert estimate == pytest.approx(np.mean([f["loss"] for f in result["per_fold"]]))
-    assert abs(estimate - np.mean(refit)) < 0.5 * abs(np.mean(in_sample) - np.mean(refit))
+    assert np.mean(in_sample) < estimate < np.mean(refit)
 
 
 def test_fairness_unlearning_lowers_parity_gap(
