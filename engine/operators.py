@@ -17,6 +17,7 @@ Product variants (`variant`):
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
@@ -164,17 +165,72 @@ def _check_variant(kind: str, variant: str | None) -> str:
     return variant
 
 
+class KeptBatch:
+    """Products on one fixed batch that reuse the first-order graph across calls.
+
+    Fisher: torch.func.linearize (a traced JVP) plus a kept torch.func.vjp. Hessian: the
+    gradient kept with create_graph=True, then one backward per product. Meant for solvers
+    that apply C many times at a fixed θ (CG); the graph holds the batch's activations.
+    """
+
+    def __init__(self, problem: Problem, idx: Tensor, kind: str) -> None:
+        self.problem, self.kind = problem, kind
+        X, y = problem.X[idx], problem.y[idx]
+        if kind == "fisher":
+            p = problem.params()
+
+            def fwd(params: Params) -> Tensor:
+                return problem.forward(params, X)
+
+            with warnings.catch_warnings():
+                # linearize's constant folding warns about attributes it inlines; harmless.
+                warnings.simplefilter("ignore", UserWarning)
+                f, self._jvp = torch.func.linearize(fwd, p)
+            _, self._vjp = torch.func.vjp(fwd, p)
+            self._f = f.detach()
+            return
+        self._leaves = {n: v.detach().requires_grad_(True) for n, v in problem.params().items()}
+        with torch.enable_grad():
+            loss = problem.family.loss(problem.forward(self._leaves, X), y).sum()
+            self._grads = torch.autograd.grad(loss, list(self._leaves.values()),
+                                              create_graph=True)
+
+    def product(self, t: Params) -> dict[str, Tensor]:
+        """Σ_{i in batch} M_i t for one tangent (name -> tensor)."""
+        if self.kind == "fisher":
+            u = self.problem.family.curvature(self._f, self._jvp(dict(t)))
+            return dict(self._vjp(u)[0])
+        names = list(self._leaves)
+        with torch.enable_grad():
+            dot = sum((g * t[n]).sum() for n, g in zip(names, self._grads, strict=True))
+            hv = torch.autograd.grad(dot, list(self._leaves.values()), retain_graph=True,
+                                     allow_unused=True)
+        return {n: (h if h is not None else torch.zeros_like(self._leaves[n]))
+                for n, h in zip(names, hv, strict=True)}
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Batch sum of products for v (d,) or (d, m) (columns in a loop)."""
+        cols = v.unsqueeze(1) if v.dim() == 1 else v
+        out = torch.stack([self.problem.flatten(self.product(self.problem.unflatten(c))).detach()
+                           for c in cols.T], dim=1)
+        return out[:, 0] if v.dim() == 1 else out
+
+
 # ---- operators ------------------------------------------------------------------------
 
 class CurvatureOperator:
     """C v = M v + λ∇²π v + δ v over all rows (or `indices`), summed batch by batch.
 
-    M is the mean over the rows of the Fisher or the Hessian of the per-row loss.
+    M is the mean over the rows of the Fisher or the Hessian of the per-row loss. With
+    `keep_graph`, each batch's first-order graph is built once and reused by every product
+    (see `KeptBatch`): faster for many products at a fixed θ, at the memory cost of all
+    batches' activations.
     """
 
     def __init__(self, problem: Problem, kind: str = "fisher", variant: str | None = None,
                  damping: float = 0.0, regularized: bool = True,
-                 indices: Tensor | None = None, batch_size: int | None = None) -> None:
+                 indices: Tensor | None = None, batch_size: int | None = None,
+                 keep_graph: bool = False) -> None:
         self.problem = problem
         self.kind = kind
         self.variant = _check_variant(kind, variant)
@@ -190,6 +246,10 @@ class CurvatureOperator:
         self.rows = problem.n if indices is None else int(indices.shape[0])
         self._diag = problem.reg_curvature_diag() if regularized else None
         self.products = 0  # number of matvec calls, one per column
+        # Limitation: kept graphs snapshot θ at first use; build a new operator after θ
+        # changes (operators are cheap to build, the graphs are what costs memory).
+        self.keep_graph = keep_graph
+        self._kept: list[KeptBatch] | None = None
 
     def _extra(self, v: Tensor) -> Tensor:
         extra = self.damping * v
@@ -200,6 +260,13 @@ class CurvatureOperator:
     def data_product(self, v: Tensor) -> Tensor:
         """M v only (no penalty, no damping)."""
         total = torch.zeros_like(v)
+        if self.keep_graph:
+            if self._kept is None:
+                self._kept = [KeptBatch(self.problem, idx, self.kind)
+                              for idx in self.problem.batches(self.indices, self.batch_size)]
+            for kept in self._kept:
+                total += kept.matvec(v)
+            return total / self.rows
         for idx in self.problem.batches(self.indices, self.batch_size):
             total += batch_product(self.problem, idx, v, self.kind, self.variant)
         return total / self.rows
@@ -214,7 +281,8 @@ class CurvatureOperator:
 
     def with_damping(self, damping: float) -> CurvatureOperator:
         return CurvatureOperator(self.problem, self.kind, self.variant, damping,
-                                 self.regularized, self.indices, self.batch_size)
+                                 self.regularized, self.indices, self.batch_size,
+                                 self.keep_graph)
 
     def minibatch(self, batch_size: int, seed: int = 0) -> MinibatchOperator:
         """The same C, estimated on a fresh random batch of rows at every call."""

@@ -241,6 +241,10 @@ def _lissa(op: LinearOperator, rhs: Tensor, depth: int = LISSA_DEPTH, repeats: i
         scale = LISSA_SCALE_MARGIN * (lam + damping)
     report.scale = float(scale)
     make_batch = getattr(op, "minibatch", None)
+    # With exact products (a batch of every row) C u_{j−1} is the full-data product, so the
+    # residual of x_{j−1} = u_{j−1}/σ comes for free and the series can stop at `tol`.
+    exact_products = (not callable(make_batch) or batch_size >= getattr(op, "rows", 0))
+    free_residual = exact_products and repeats == 1 and damping == 0.0
 
     V = _columns(rhs)
     vnorm = torch.clamp(torch.linalg.norm(V, dim=0), min=1e-300)
@@ -251,6 +255,11 @@ def _lissa(op: LinearOperator, rhs: Tensor, depth: int = LISSA_DEPTH, repeats: i
         U = V.clone()
         for j in range(1, depth + 1):
             CU = _columns(stochastic.matvec(U))
+            if free_residual and j > 1:
+                res_prev = float((torch.linalg.norm(CU / scale - V, dim=0) / vnorm).max())
+                if res_prev <= tol:
+                    report.details["stopped_at_step"] = j - 1
+                    return _finish_lissa(op, U / scale, rhs, damping, tol, report)
             U = V + (1.0 - damping / scale) * U - CU / scale
             report.iterations += 1
             report.products += V.shape[1]

@@ -109,6 +109,11 @@ def test_mlp_hessian_and_fisher_match_autograd_oracles(tanh_mlp: Problem) -> Non
         ref = (F_ref if kind == "fisher" else H_ref) @ V.numpy() + 1e-3 * V.numpy()
         got = CurvatureOperator(tanh_mlp, kind, variant).matvec(V).numpy()
         np.testing.assert_allclose(got, ref, atol=1e-12)
+    for kind, ref in (("fisher", F_ref), ("hessian", H_ref)):
+        kept = CurvatureOperator(tanh_mlp, kind, keep_graph=True)
+        for _ in range(2):  # the second call reuses the kept graphs
+            np.testing.assert_allclose(kept.matvec(V).numpy(),
+                                       ref @ V.numpy() + 1e-3 * V.numpy(), atol=1e-12)
 
 
 def test_hessian_product_matches_finite_differences(tanh_mlp: Problem) -> None:
