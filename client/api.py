@@ -446,9 +446,9 @@ class Client:
                 return arr
             return {k: self._materialize(v) for k, v in value.items()}
         if isinstance(value, list):
-            arr = _numeric_array(value)
-            if arr is not None:
-                return arr
+            numeric = _numeric_array(value)
+            if numeric is not None:
+                return numeric
             return [self._materialize(v) for v in value]
         return value
 

@@ -3,12 +3,16 @@ dense algebra for logistic regression (Fisher = Hessian of the data term for a G
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from client_fixtures import INLINE_MAX, LogReg, Registered
 
-from client import Client
+from client import Client, Conflict
+from client.stack import LocalStack
 
 
 def test_register_and_read_back(client: Client, registered: Registered, logreg: LogReg) -> None:
@@ -140,3 +144,40 @@ def test_list_jobs_filters_and_pages(client: Client, registered: Registered) -> 
     assert len({j.id for j in jobs}) == len(jobs)
     for job in jobs:
         job.wait(timeout=120, raise_on_failure=False)
+
+
+def test_dataset_from_a_pandas_frame(client: Client, logreg: LogReg) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(logreg.X[:, :5], columns=[f"f{i}" for i in range(5)])
+    frame["label"] = logreg.y
+    frame["group"] = logreg.s
+    ds = client.register_dataset(frame, "label", "group", name="frame")
+    assert (ds.n_rows, ds.n_features) == (len(logreg.y), 5)  # label and group left out
+    assert ds.has_sensitive
+
+
+def test_csv_upload_through_the_cli(client: Client, logreg: LogReg, tmp_path: Path,
+                                    stack: LocalStack, capsys: pytest.CaptureFixture[str]
+                                    ) -> None:
+    import pandas as pd
+
+    from client.cli import main
+
+    path = tmp_path / "rows.csv"
+    frame = pd.DataFrame({"a": logreg.X[:, 0], "b": logreg.X[:, 1], "y": logreg.y})
+    frame.to_csv(path, index=False)
+    code = main(["datasets", "upload", str(path), "--features", "a,b", "--target", "y",
+                 "--url", stack.url, "--key", stack.key, "--output", "json"])
+    assert code == 0
+    ds = client.get_dataset(json.loads(capsys.readouterr().out)["id"])
+    assert (ds.n_rows, ds.n_features, ds.source_format) == (len(logreg.y), 2, "csv")
+
+
+def test_cancel_of_a_finished_job_is_a_conflict(client: Client, registered: Registered
+                                                ) -> None:
+    job = client.submit("cv", model=registered.model, dataset=registered.train, folds=2)
+    job.wait(timeout=120)
+    with pytest.raises(Conflict) as info:
+        job.cancel()
+    assert info.value.status == 409 and "succeeded" in str(info.value.detail)
