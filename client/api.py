@@ -419,15 +419,10 @@ class Client:
     def result(self, job: Any) -> dict[str, Any]:
         """The job's result with artifacts downloaded and numeric lists as numpy arrays.
 
-        For cv, a fold listed only by `offset`/`size` (too large to inline) gets its
-        `indices` from the `folds` array, so every fold carries its held-out rows.
+        Artifact references ({"artifact", "shape", "dtype"}) anywhere in the result, e.g.
+        a cv fold's `indices`, are replaced by the downloaded array.
         """
         result: dict[str, Any] = self._materialize(self.raw_result(job))
-        folds = result.get("folds")
-        for fold in result.get("per_fold") or []:
-            if "indices" not in fold and folds is not None and "offset" in fold:
-                start = int(fold["offset"])
-                fold["indices"] = np.asarray(folds)[start:start + int(fold["size"])]
         return result
 
     def artifact(self, url: str) -> np.ndarray:

@@ -115,10 +115,12 @@ def test_cv_matches_plug_in_newton_folds(client: Client, registered: Registered,
                         seed=1, solver="exact")
     res = job.wait(timeout=120).result()
     fold_rows = len(logreg.y) // folds
-    # Folds above AFIF_INLINE_MAX rows come without inline indices; result() fills them
-    # in from the `folds` artifact.
+    # Folds above AFIF_INLINE_MAX rows reference their indices as an artifact, which
+    # result() downloads; smaller folds list them inline.
     raw = job.raw_result()
-    assert all(("indices" in f) == (fold_rows <= INLINE_MAX) for f in raw["per_fold"])
+    inline = fold_rows <= INLINE_MAX
+    assert all(isinstance(f["indices"], list) == inline for f in raw["per_fold"])
+    assert all(isinstance(f["indices"], np.ndarray) for f in res["per_fold"])
 
     n = len(logreg.y)
     H = logreg.hessian()
