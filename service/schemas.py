@@ -18,6 +18,7 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Method = Literal["fisher", "hessian"]
 Solver = Literal["auto", "lissa", "cg", "exact"]
 JOB_KINDS: tuple[str, ...] = ("unlearning", "attribution", "fairness", "cv")
+JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 
 Index = Annotated[int, Field(ge=0)]
 
@@ -106,7 +107,9 @@ class DatasetListPublic(BaseModel):
 # --- job params ---------------------------------------------------------------------------
 
 
-class _SolverParams(_Strict):
+class JobParams(_Strict):
+    """Options every kind shares: curvature `method`, linear `solver` and its options."""
+
     method: Method = "fisher"
     solver: Solver = "auto"
     solver_options: dict[str, Any] = Field(
@@ -114,7 +117,7 @@ class _SolverParams(_Strict):
     )
 
 
-class UnlearningParams(_SolverParams):
+class UnlearningParams(JobParams):
     """Remove training rows `remove` (indices into the training dataset) by one Newton step."""
 
     remove: list[Index] = Field(min_length=1)
@@ -127,7 +130,7 @@ class UnlearningParams(_SolverParams):
         return self
 
 
-class AttributionParams(_SolverParams):
+class AttributionParams(JobParams):
     """Score every training row by its effect on the mean loss over the chosen test rows."""
 
     test_dataset_id: str
@@ -135,7 +138,7 @@ class AttributionParams(_SolverParams):
     top_k: int = Field(10, ge=1, le=1000)
 
 
-class FairnessParams(_SolverParams):
+class FairnessParams(JobParams):
     """Score rows by their effect on a fairness metric; optionally unlearn the worst."""
 
     metric: Literal["demographic_parity", "chi2"] = "demographic_parity"
@@ -145,7 +148,7 @@ class FairnessParams(_SolverParams):
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)
 
 
-class CvParams(_SolverParams):
+class CvParams(JobParams):
     """Approximate cross-validation: `folds` held-out sets of `k` rows (k=None: n/folds)."""
 
     k: int | None = Field(None, ge=1)
@@ -153,7 +156,7 @@ class CvParams(_SolverParams):
     seed: int = 0
 
 
-PARAMS_BY_KIND: dict[str, type[_SolverParams]] = {
+PARAMS_BY_KIND: dict[str, type[JobParams]] = {
     "unlearning": UnlearningParams,
     "attribution": AttributionParams,
     "fairness": FairnessParams,

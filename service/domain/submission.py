@@ -36,8 +36,8 @@ def list_jobs(
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """A page of the tenant's jobs, newest first, optionally filtered; (items, next_cursor)."""
-    if status is not None and status not in schemas.JobStatus.__args__:  # type: ignore[attr-defined]
-        raise InvalidInput(f"status must be one of {schemas.JobStatus.__args__}", field="status")  # type: ignore[attr-defined]
+    if status is not None and status not in schemas.JOB_STATUSES:
+        raise InvalidInput(f"status must be one of {schemas.JOB_STATUSES}", field="status")
     if kind is not None and kind not in schemas.JOB_KINDS:
         raise InvalidInput(f"kind must be one of {schemas.JOB_KINDS}", field="kind")
 
@@ -104,7 +104,7 @@ def get_artifact(session: Session, tenant_id: str, job_id: str, name: str) -> Ar
 # --- submission ---------------------------------------------------------------------------
 
 
-def parse_params(kind: str, params: Mapping[str, Any]) -> schemas._SolverParams:
+def parse_params(kind: str, params: Mapping[str, Any]) -> schemas.JobParams:
     """Validate `params` against the schema of `kind`; errors name `params.<field>`."""
     model_cls = schemas.PARAMS_BY_KIND[kind]
     try:
@@ -244,7 +244,7 @@ def _validate_against_data(
     session: Session,
     tenant: Tenant,
     kind: str,
-    params: schemas._SolverParams,
+    params: schemas.JobParams,
     model: Model,
     dataset: Dataset,
     store: Store,
