@@ -19,9 +19,12 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RqJob
@@ -166,13 +169,13 @@ def ensure_embedded(data_dir: str | os.PathLike[str]) -> str:
         return server.url
 
 
-def connection_from_url(url: str) -> redis.Redis:
-    """A client for `redis://`, `rediss://` or `unix://` URLs."""
+def connection_from_url(url: str, **options: Any) -> redis.Redis:
+    """A client for `redis://`, `rediss://` or `unix://` URLs; `options` go to redis.Redis."""
     parsed = urlparse(url)
+    options.setdefault("health_check_interval", 30)
     if parsed.scheme == "unix":
-        # Keep the query (e.g. ?db=1) but accept bare socket paths too.
-        return redis.Redis(unix_socket_path=unquote(parsed.path), health_check_interval=30)
-    return redis.Redis.from_url(url, health_check_interval=30)
+        return redis.Redis(unix_socket_path=unquote(parsed.path), **options)
+    return redis.Redis.from_url(url, **options)
 
 
 def resolve_redis_url() -> str:
@@ -273,9 +276,23 @@ def cancel_in_queue(job_id: object) -> bool:
 
 
 def redis_ping() -> bool:
-    """True if Redis answers PING (for /readyz); never raises."""
+    """True if Redis answers PING within a second (for /readyz); never raises.
+
+    A client of its own, without the retries and backoff of the shared one, so that a
+    readiness probe answers promptly when Redis is down.
+    """
     try:
-        return bool(get_connection().ping())
+        client = connection_from_url(
+            resolve_redis_url(), socket_connect_timeout=1, socket_timeout=1,
+            retry=Retry(NoBackoff(), 0),
+        )
     except (redis.RedisError, RuntimeError, OSError):
         logger.warning("Redis is not reachable", exc_info=True)
         return False
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError) as exc:
+        logger.warning("Redis is not reachable: %s", exc)
+        return False
+    finally:
+        client.close()
