@@ -62,11 +62,14 @@ def _fisher_jvp_vjp(problem: Problem, X: Tensor, t: Params) -> dict[str, Tensor]
 
 def _fisher_fused(problem: Problem, X: Tensor, t: Params) -> dict[str, Tensor]:
     leaves = {n: v.detach().requires_grad_(True) for n, v in problem.params().items()}
-    with torch.enable_grad(), fwAD.dual_level():
-        duals = {n: fwAD.make_dual(leaves[n], t[n]) for n in leaves}
-        out = problem.forward(duals, X)
-        primal, tangent = fwAD.unpack_dual(out)
-        u = problem.family.curvature(primal.detach(), tangent.detach())
+    with torch.enable_grad():
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(leaves[n], t[n]) for n in leaves}
+            out = problem.forward(duals, X)
+            primal, tangent = fwAD.unpack_dual(out)
+            u = problem.family.curvature(primal.detach(), tangent.detach())
+        # Backward after the dual level closes: the saved activations are plain tensors
+        # again, so the backward does not also push tangents through every matmul.
         grads = torch.autograd.grad(primal, list(leaves.values()), grad_outputs=u,
                                     allow_unused=True)
     return {n: (g if g is not None else torch.zeros_like(leaves[n]))
