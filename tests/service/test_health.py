@@ -32,3 +32,25 @@ def test_openapi_lists_the_contract(api):
         assert path in paths
     assert "multipart/form-data" in paths["/v1/models"]["post"]["requestBody"]["content"]
     assert api.client.get("/docs").status_code == 200
+
+
+def test_readyz_reports_an_unreachable_database(tmp_path):
+    import socket
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    settings = Settings(data_dir=tmp_path,
+                        database_url=f"postgresql+psycopg://nobody@127.0.0.1:{port}/none")
+    client = TestClient(create_app(settings, redis_ping=lambda: True))
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["checks"] == {"database": "unreachable", "redis": "ok"}
+    assert client.get("/healthz").status_code == 200
