@@ -262,6 +262,12 @@ def _validate_against_data(
         _check_fit(model, test, store, "params.test_dataset_id")
         _check_indices(params.test_indices, test.n_rows, "params.test_indices")
     elif isinstance(params, schemas.CvParams):
+        if params.folds > dataset.n_rows:
+            raise InvalidInput(
+                f"params.folds: {params.folds} folds need at least as many rows; the dataset "
+                f"has {dataset.n_rows}",
+                field="params.folds",
+            )
         if params.k is not None and params.k >= dataset.n_rows:
             raise InvalidInput(
                 f"params.k: must be smaller than the dataset's {dataset.n_rows} rows",

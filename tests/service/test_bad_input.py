@@ -172,6 +172,8 @@ CASES: dict[str, Case] = {
         "params.test_dataset_id", "nope"),
     "cv k as large as the data": (lambda api, ctx: _job(api, ctx, kind="cv", k=40), 422,
                                   "params.k", "smaller"),
+    "cv with more folds than rows": (lambda api, ctx: _job(api, ctx, kind="cv", folds=41), 422,
+                                     "params.folds", "at least as many rows"),
     "malformed job JSON": (
         lambda api, ctx: api.client.post("/v1/jobs", content=b'{"kind": "cv",',
                                          headers=api.h(**{"Content-Type": "application/json"})),
