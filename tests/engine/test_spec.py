@@ -199,3 +199,76 @@ def test_input_shape_and_output_dim_inferred_for_mlps() -> None:
     conv = {"layers": IMAGE_NET["layers"]}
     assert input_shape(conv) is None
     assert output_dim(conv) == 2
+
+
+# ---- Problem: built from a spec, scope, data validation --------------------------------
+
+MLP = {"layers": [{"type": "linear", "in_features": 4, "out_features": 5}, {"type": "tanh"},
+                  {"type": "linear", "in_features": 5, "out_features": 3}]}
+
+
+def _data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, 4, generator=gen), torch.arange(n) % 3
+
+
+def test_problem_from_spec_and_flat_parameters() -> None:
+    from engine.problem import Problem
+
+    weights = {k: v.double() for k, v in build_model(MLP).state_dict().items()}
+    X, y = _data()
+    problem = Problem.from_spec(MLP, load(save(weights)), "categorical", None, X, y,
+                                scope=["2.weight", "2.bias"], device="cpu")
+    assert problem.dtype == torch.float64 and problem.d == 18 and problem.n == 12
+    torch.testing.assert_close(problem.theta(), torch.cat([weights["2.weight"].ravel(),
+                                                           weights["2.bias"]]))
+    V = torch.randn(18, 4, dtype=torch.float64)
+    torch.testing.assert_close(problem.flatten(problem.unflatten(V), batched=True), V)
+
+    new = problem.theta() + 1.0
+    state = problem.state_dict(new)
+    torch.testing.assert_close(state["2.bias"], weights["2.bias"] + 1.0)
+    torch.testing.assert_close(state["0.weight"], weights["0.weight"])  # frozen part
+    problem.set_theta(new)
+    torch.testing.assert_close(problem.model.state_dict()["2.bias"], weights["2.bias"] + 1.0)
+    assert problem.clone(torch.float32).theta().dtype == torch.float32
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"scope": ["2.weight", "5.bias"]}, "scope names unknown parameters: 5.bias"),
+    ({"scope": []}, "at least one parameter"),
+    ({"y": torch.arange(11) % 3}, "X has 12 rows but y has 11"),
+    ({"y": torch.arange(12)}, "labels must be integers 0..2"),
+    ({"X": torch.randn(12, 5)}, "do not fit the model"),
+    ({"X": torch.full((12, 4), float("nan"))}, "X contains NaN or inf"),
+    ({"family": "bernoulli"}, "bernoulli needs a model with 1 output"),
+    ({"batch_size": 0}, "batch_size must be a positive int"),
+])
+def test_problem_rejects_bad_inputs(change: dict, fragment: str) -> None:
+    from engine.problem import Problem
+    from engine.regularizers import make_regularizer
+
+    X, y = _data()
+    kwargs = {"model": build_model(MLP), "family": "categorical",
+              "regularizer": make_regularizer("l2", 0.1, exclude=["0.bias"]), "X": X, "y": y,
+              "device": "cpu", **change}
+    with pytest.raises(SpecError) as info:
+        Problem(**kwargs)
+    assert fragment in str(info.value)
+
+
+def test_problem_with_embedding_input() -> None:
+    from engine.operators import fisher_operator, hessian_operator
+    from engine.problem import Problem
+
+    arch = {"layers": [{"type": "embedding", "num_embeddings": 6, "embedding_dim": 3},
+                       {"type": "flatten"},
+                       {"type": "linear", "in_features": 6, "out_features": 1}]}
+    X = torch.randint(0, 6, (20, 2), generator=torch.Generator().manual_seed(0))
+    problem = Problem(build_model(arch, dtype=torch.float64), "poisson", None, X,
+                      torch.arange(20) % 4, device="cpu")
+    assert problem.X.dtype == torch.long and problem.d == 18 + 7
+    v = torch.randn(problem.d, dtype=torch.float64)
+    # The model is linear in the head but not in (embedding, head) jointly: F ≠ H, both work.
+    assert torch.isfinite(fisher_operator(problem).matvec(v)).all()
+    assert torch.isfinite(hessian_operator(problem).matvec(v)).all()
