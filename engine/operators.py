@@ -410,8 +410,8 @@ def dense_fisher(problem: Problem, indices: Tensor | None = None) -> Tensor:
     return 0.5 * (total + total.T)
 
 
-def power_iteration(op: LinearOperator, iters: int = 100, tol: float = 1e-3, seed: int = 0
-                    ) -> float:
+def power_iteration(op: LinearOperator, iters: int = 100, tol: float = 1e-3, seed: int = 0,
+                    progress: Callable[[str, int, int], None] | None = None) -> float:
     """Estimate the largest |eigenvalue| of a symmetric operator (Rayleigh quotient).
 
     Stops when the estimate changes by less than `tol` relatively. For a PSD operator this
@@ -422,6 +422,8 @@ def power_iteration(op: LinearOperator, iters: int = 100, tol: float = 1e-3, see
     v /= torch.linalg.norm(v)
     estimate = 0.0
     for it in range(iters):
+        if progress is not None:
+            progress("power_iteration", it, iters)
         w = op.matvec(v)
         norm = float(torch.linalg.norm(w))
         if norm == 0.0 or not torch.isfinite(w).all():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +36,11 @@ LISSA_SCALE_MARGIN = 1.05  # automatic σ = margin × λ_max(C) estimated by pow
 LISSA_TOL = 1e-3  # residual under which a LiSSA solve counts as converged
 LISSA_GROWTH = 4.0  # ‖u_j‖ > growth·(j+1)·‖v‖ can only happen when the series diverges
 SOLVERS = ("auto", "exact", "cg", "lissa")
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    return None
 
 
 @dataclass
@@ -80,6 +86,8 @@ def solve(op: LinearOperator, rhs: Tensor, solver: str = "auto", **options: Any
     """Solve C x = rhs. Options by solver:
     exact: none. cg: tol, max_iter, x0. lissa: depth, repeats, batch_size, scale (None =
     automatic), damping (added to C's own), seed, tol, check_every (0 = never stop early).
+    Every solver takes `progress(phase, done, total)`, called once per iteration (phase
+    "solve"); an exception it raises (e.g. a cancel) propagates out of `solve`.
     """
     if solver not in SOLVERS:
         raise SpecError(f"unknown solver {solver!r} (known: {', '.join(SOLVERS)})")
@@ -93,7 +101,7 @@ def solve(op: LinearOperator, rhs: Tensor, solver: str = "auto", **options: Any
         solver = "exact" if op.d <= AUTO_EXACT_MAX_D else "cg"
     allowed = {"exact": set(), "cg": {"tol", "max_iter", "x0"},
                "lissa": {"depth", "repeats", "batch_size", "scale", "damping", "seed", "tol",
-                         "check_every"}}[solver]
+                         "check_every"}}[solver] | {"progress"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise SpecError(f"unknown option {unknown[0]!r} for solver {solver!r} "
@@ -101,7 +109,10 @@ def solve(op: LinearOperator, rhs: Tensor, solver: str = "auto", **options: Any
 
     start = time.perf_counter()
     if solver == "exact":
+        progress = options.get("progress") or _no_progress
+        progress("solve", 0, 1)
         x, report = _exact(op, rhs)
+        progress("solve", 1, 1)
     elif solver == "cg":
         x, report = _cg(op, rhs, **options)
     else:
@@ -165,8 +176,10 @@ def _dense_residual(A: Tensor, X: Tensor, B: Tensor) -> float:
 # ---- conjugate gradient -----------------------------------------------------------------
 
 def _cg(op: LinearOperator, rhs: Tensor, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER,
-        x0: Tensor | None = None) -> tuple[Tensor, SolveReport]:
+        x0: Tensor | None = None, progress: Progress | None = None
+        ) -> tuple[Tensor, SolveReport]:
     report = SolveReport(solver="cg")
+    progress = progress or _no_progress
     B = _columns(rhs)
     m = B.shape[1]
     X = torch.zeros_like(B) if x0 is None else _columns(x0.to(B)).clone()
@@ -179,6 +192,7 @@ def _cg(op: LinearOperator, rhs: Tensor, tol: float = CG_TOL, max_iter: int = CG
     history: list[float] = []
 
     while bool(active.any()) and report.iterations < max_iter:
+        progress("solve", report.iterations, max_iter)
         cols = torch.nonzero(active).squeeze(1)
         AP = _columns(op.matvec(P[:, cols]))
         report.products += int(cols.numel())
@@ -225,17 +239,18 @@ def _cg(op: LinearOperator, rhs: Tensor, tol: float = CG_TOL, max_iter: int = CG
 
 def _lissa(op: LinearOperator, rhs: Tensor, depth: int = LISSA_DEPTH, repeats: int = 1,
            batch_size: int = LISSA_BATCH, scale: float | None = None, damping: float = 0.0,
-           seed: int = 0, tol: float = LISSA_TOL, check_every: int = 0
-           ) -> tuple[Tensor, SolveReport]:
+           seed: int = 0, tol: float = LISSA_TOL, check_every: int = 0,
+           progress: Progress | None = None) -> tuple[Tensor, SolveReport]:
     """u_0 = v, u_j = v + (I − (C_B + δ)/σ) u_{j−1}, x = u_J / σ, averaged over repeats."""
     if depth < 1 or repeats < 1:
         raise SpecError("lissa: depth and repeats must be >= 1")
     if scale is not None and not scale > 0:
         raise SpecError(f"lissa: scale must be > 0, got {scale}")
     report = SolveReport(solver="lissa")
+    progress = progress or _no_progress
     if scale is None:
         before = int(getattr(op, "products", 0))
-        lam = power_iteration(op, iters=50, tol=1e-3, seed=seed)
+        lam = power_iteration(op, iters=50, tol=1e-3, seed=seed, progress=progress)
         report.details["lambda_max_estimate"] = lam
         report.details["power_iteration_products"] = int(getattr(op, "products", 0)) - before
         scale = LISSA_SCALE_MARGIN * (lam + damping)
@@ -254,6 +269,7 @@ def _lissa(op: LinearOperator, rhs: Tensor, depth: int = LISSA_DEPTH, repeats: i
         stochastic = make_batch(batch_size, seed + r) if callable(make_batch) else op
         U = V.clone()
         for j in range(1, depth + 1):
+            progress("solve", r * depth + j - 1, repeats * depth)
             CU = _columns(stochastic.matvec(U))
             if free_residual and j > 1:
                 res_prev = float((torch.linalg.norm(CU / scale - V, dim=0) / vnorm).max())

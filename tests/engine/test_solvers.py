@@ -140,3 +140,22 @@ def test_bad_solver_arguments(solver: str, rhs: torch.Tensor, options: dict,
     with pytest.raises(SpecError) as info:
         solve(op, rhs, solver, **options)
     assert fragment in str(info.value)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
+def test_progress_is_called_and_its_exceptions_propagate(solver: str) -> None:
+    op = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+    calls: list[tuple[str, int, int]] = []
+    solve(op, torch.ones(3, dtype=torch.float64), solver, progress=lambda *a: calls.append(a))
+    assert calls and all(phase in ("solve", "power_iteration") and 0 <= done <= total
+                         for phase, done, total in calls)
+
+    def cancel(phase: str, done: int, total: int) -> None:
+        raise _Cancelled
+
+    with pytest.raises(_Cancelled):
+        solve(op, torch.ones(3, dtype=torch.float64), solver, progress=cancel)
