@@ -54,9 +54,9 @@ def _fisher_jvp_vjp(problem: Problem, X: Tensor, t: Params) -> dict[str, Tensor]
     def fwd(params: Params) -> Tensor:
         return problem.forward(params, X)
 
-    f, jf = torch.func.jvp(fwd, (p,), (dict(t),))
+    f, jf = torch.func.jvp(fwd, (p,), (dict(t),))[:2]
     u = problem.family.curvature(f.detach(), jf.detach())
-    _, vjp_fn = torch.func.vjp(fwd, p)
+    vjp_fn = torch.func.vjp(fwd, p)[1]
     return dict(vjp_fn(u)[0])
 
 
@@ -80,7 +80,7 @@ def _hessian_fwd_rev(problem: Problem, X: Tensor, y: Tensor, t: Params) -> dict[
     def loss_sum(params: Params) -> Tensor:
         return problem.family.loss(problem.forward(params, X), y).sum()
 
-    _, hv = torch.func.jvp(torch.func.grad(loss_sum), (problem.params(),), (dict(t),))
+    hv = torch.func.jvp(torch.func.grad(loss_sum), (problem.params(),), (dict(t),))[1]
     return dict(hv)
 
 
@@ -90,7 +90,7 @@ def _hessian_double_backward(problem: Problem, X: Tensor, y: Tensor, t: Params
     with torch.enable_grad():
         loss = problem.family.loss(problem.forward(leaves, X), y).sum()
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-        dot = sum((g * t[n]).sum() for n, g in zip(leaves, grads, strict=True))
+        dot = torch.stack([(g * t[n]).sum() for n, g in zip(leaves, grads, strict=True)]).sum()
         hv = torch.autograd.grad(dot, list(leaves.values()), allow_unused=True)
     return {n: (h if h is not None else torch.zeros_like(leaves[n]))
             for n, h in zip(leaves, hv, strict=True)}
@@ -108,7 +108,7 @@ def _vmapped(problem: Problem, X: Tensor, y: Tensor, T: dict[str, Tensor], varia
         return problem.forward(params, X)
 
     if variant == "jvp_vjp":
-        f, vjp_fn = torch.func.vjp(fwd, p)
+        f, vjp_fn = torch.func.vjp(fwd, p)[:2]
         jf = torch.func.vmap(lambda t: torch.func.jvp(fwd, (p,), (t,))[1])(T)
         u = problem.family.curvature(f.detach(), jf)
         return dict(torch.func.vmap(lambda w: vjp_fn(w)[0])(u))
@@ -130,6 +130,9 @@ def batch_product(problem: Problem, idx: Tensor, v: Tensor, kind: str = "fisher"
     variant = _check_variant(kind, variant)
     X, y = problem.X[idx], problem.y[idx]
     columns = v.unsqueeze(1) if v.dim() == 1 else v
+    # Limitation: the fused and double-backward variants run one column at a time
+    # (torch.autograd.forward_ad and create_graph do not compose with vmap), so many
+    # right-hand sides are cheaper through "jvp_vjp" / "fwd_rev".
     out = []
     j = 0
     while j < columns.shape[1]:
@@ -189,7 +192,7 @@ class KeptBatch:
                 # linearize's constant folding warns about attributes it inlines; harmless.
                 warnings.simplefilter("ignore", UserWarning)
                 f, self._jvp = torch.func.linearize(fwd, p)
-            _, self._vjp = torch.func.vjp(fwd, p)
+            self._vjp = torch.func.vjp(fwd, p)[1]
             self._f = f.detach()
             return
         self._leaves = {n: v.detach().requires_grad_(True) for n, v in problem.params().items()}
@@ -205,7 +208,8 @@ class KeptBatch:
             return dict(self._vjp(u)[0])
         names = list(self._leaves)
         with torch.enable_grad():
-            dot = sum((g * t[n]).sum() for n, g in zip(names, self._grads, strict=True))
+            dot = torch.stack([(g * t[n]).sum()
+                               for n, g in zip(names, self._grads, strict=True)]).sum()
             hv = torch.autograd.grad(dot, list(self._leaves.values()), retain_graph=True,
                                      allow_unused=True)
         return {n: (h if h is not None else torch.zeros_like(self._leaves[n]))

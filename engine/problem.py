@@ -84,6 +84,8 @@ class Problem:
         self.d = int(sum(self.numels))
 
         # Data: X in the model's dtype (integer indices for an embedding input).
+        # Limitation: X and y live on the device whole (batches are slices of them); data
+        # larger than device memory needs a streaming Problem, which does not exist yet.
         X_t = _to_tensor(X, "X")
         if X_t.dim() < 1 or X_t.shape[0] == 0:
             raise SpecError("X must have at least one row")

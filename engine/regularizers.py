@@ -91,7 +91,7 @@ class Regularizer:
         if self.kind == "group_lasso":
             for group in self._groups(params):
                 if group:
-                    sq = sum((params[n] ** 2).sum() for n in group)
+                    sq = torch.stack([(params[n] ** 2).sum() for n in group]).sum()
                     total = total + self.strength * torch.sqrt(sq)
             return total
         for name, theta in params.items():
@@ -124,7 +124,7 @@ class Regularizer:
             for group in self._groups(params):
                 if not group:
                     continue
-                norm = torch.sqrt(sum((params[n] ** 2).sum() for n in group))
+                norm = torch.sqrt(torch.stack([(params[n] ** 2).sum() for n in group]).sum())
                 shrink = torch.clamp(1 - t * self.strength / torch.clamp(norm, min=1e-300),
                                      min=0.0)
                 for n in group:

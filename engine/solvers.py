@@ -27,6 +27,8 @@ from engine.operators import LinearOperator, dense_matrix, power_iteration
 
 logger = logging.getLogger(__name__)
 
+# Limitation: "exact" materializes d × d (d = 2000: 32 MB in float64) and, for the Hessian,
+# costs d products; above this size "auto" uses CG instead.
 AUTO_EXACT_MAX_D = 2000  # dense d × d solves are cheap and exact below this size
 CG_TOL = 1e-6  # relative residual at which CG stops
 CG_MAX_ITER = 1000  # products per column before CG gives up (not converged, not diverged)
@@ -279,6 +281,9 @@ def _lissa(op: LinearOperator, rhs: Tensor, depth: int = LISSA_DEPTH, repeats: i
             U = V + (1.0 - damping / scale) * U - CU / scale
             report.iterations += 1
             report.products += V.shape[1]
+            # Limitation: this growth bound only catches divergence faster than linear;
+            # a barely negative eigenvalue diverges slowly and is caught by the final
+            # residual check (> 1) instead, after the full depth.
             growth = torch.linalg.norm(U, dim=0) / vnorm
             if not bool(torch.isfinite(U).all()) or bool((growth > LISSA_GROWTH * (j + 1)).any()):
                 report.diverged = True
