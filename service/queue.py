@@ -41,6 +41,8 @@ RQ_FAILURE_TTL_SECONDS = 24 * 3600
 TASK_PATH = "workers.tasks.run_job"
 
 SOCKET_NAME = "redis.sock"
+# Unix socket paths are limited to 108 bytes (sun_path) on Linux, terminator included.
+_MAX_SOCKET_PATH = 107
 _START_TIMEOUT_SECONDS = 10.0
 
 _connection: redis.Redis | None = None
@@ -62,6 +64,11 @@ class EmbeddedRedis:
 
     def start(self) -> None:
         """Start the server and wait until it answers PING; raises RuntimeError if it cannot."""
+        if len(str(self.socket_path).encode()) > _MAX_SOCKET_PATH:
+            raise RuntimeError(
+                f"AFIF_DATA_DIR is too deep for a unix socket ({self.socket_path} is over "
+                f"{_MAX_SOCKET_PATH} bytes); use a shorter AFIF_DATA_DIR or set REDIS_URL"
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "redis.conf"
         config.write_text(
@@ -153,6 +160,10 @@ def ensure_embedded(data_dir: str | os.PathLike[str]) -> str:
     A lock file makes concurrent starters (API and workers launched together) agree on
     one server. The process that starts it stops it at exit.
     """
+    # Limitation: without REDIS_URL and outside `afif up`, the first process to need Redis
+    # owns the embedded server, so the others lose the queue when it exits (until the
+    # next one starts a new server; queued rows are then re-enqueued by the reconciler).
+    # `afif up` avoids this by starting Redis itself; deployments set REDIS_URL.
     global _embedded
 
     directory = Path(data_dir).resolve()

@@ -54,6 +54,11 @@ def reconcile_once(
     summary = ReconcileSummary()
 
     # Lost running jobs: the domain decides between another attempt and a final failure.
+    # Limitation: a worker that is alive but silent for longer than stale_after (stopped
+    # with SIGSTOP, or a heartbeat thread starved for a minute) has its job run a second
+    # time elsewhere. The silent worker notices at its next beat and stops without
+    # touching the row; if it completes first, the retry finds the job succeeded and its
+    # own completion is a no-op. Results stay consistent; compute is wasted.
     with session_scope() as session:
         for job in domain.find_stale_jobs(session, stale_after):
             if domain.requeue_or_fail(session, job, attempts):

@@ -49,6 +49,11 @@ class JobCancelled(Exception):
     """Raised inside the engine's progress callback to stop a job whose cancel was asked."""
 
 
+class JobLost(Exception):
+    """Raised inside the progress callback when this worker no longer owns the job (the
+    reconciler took it for lost and requeued it); the row is left to its new owner."""
+
+
 def run_job(job_id: str) -> None:
     """Run one afif job to a terminal status (or back to the queue if interrupted)."""
     with job_context(job_id):
@@ -63,7 +68,7 @@ def run_job(job_id: str) -> None:
 
 def _execute(job: Job) -> None:
     settings = get_settings()
-    beat = Beat(job.id, settings.heartbeat_seconds)
+    beat = Beat(job.id, settings.heartbeat_seconds, owner=job.worker)
     beat.start()
     try:
         params = PARAMS_BY_KIND[job.kind].model_validate(job.params)
@@ -97,6 +102,8 @@ def _execute(job: Job) -> None:
         logger.info("job cancelled at the caller's request")
         with session_scope() as session:
             domain.mark_cancelled(session, job.id)
+    except JobLost:
+        logger.warning("job was requeued while this worker ran it; leaving it to the retry")
     except SpecError as exc:
         logger.info("job failed: invalid input: %s", exc)
         _fail(job.id, "invalid_input", str(exc))
@@ -150,10 +157,12 @@ class Beat:
     JobCancelled once a cancel was seen.
     """
 
-    def __init__(self, job_id: str, interval: float) -> None:
+    def __init__(self, job_id: str, interval: float, owner: str | None = None) -> None:
         self.job_id = job_id
         self.interval = interval
+        self.owner = owner
         self.cancelled = threading.Event()
+        self.lost = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._pending: tuple[str, int, int] | None = None
@@ -172,6 +181,8 @@ class Beat:
 
     def progress(self, phase: str, done: int, total: int) -> None:
         """Engine callback: record progress, write it if due, stop the job if cancelled."""
+        # Limitation: a cancel takes effect at the engine's next progress call; a solve that
+        # reports only its start and end (e.g. LiSSA today) runs to its end first.
         self.check_cancelled()
         with self._lock:
             self._pending = (phase, int(done), int(total))
@@ -181,6 +192,9 @@ class Beat:
         self.check_cancelled()
 
     def check_cancelled(self) -> None:
+        """Raise JobCancelled (a cancel was asked) or JobLost (the job was requeued)."""
+        if self.lost.is_set():
+            raise JobLost(self.job_id)
         if self.cancelled.is_set():
             raise JobCancelled(self.job_id)
 
@@ -196,7 +210,12 @@ class Beat:
             self._note(job)
 
     def _note(self, job: Job | None) -> None:
-        if job is None or job.cancel_requested or job.status != "running":
+        mine = job is not None and job.status == "running" and (
+            self.owner is None or job.worker == self.owner
+        )
+        if not mine:
+            self.lost.set()
+        elif job is not None and job.cancel_requested:
             self.cancelled.set()
 
     def _loop(self) -> None:

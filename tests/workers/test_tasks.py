@@ -192,3 +192,35 @@ def test_cancel_request_stops_a_running_job(runtime: Path, fitted: Fitted) -> No
 
     with pytest.raises(tasks.JobCancelled):
         beat.progress("solve", 1, 10)
+
+
+def test_worker_that_lost_its_job_stops_without_touching_it(runtime: Path, fitted: Fitted) -> None:
+    job_id = make_job(fitted, "cv", {"folds": 2})
+    with session_scope() as session:
+        domain.claim_job(session, job_id, "new-owner")
+    beat = tasks.Beat(job_id, interval=60.0, owner="old-owner")
+
+    with pytest.raises(tasks.JobLost):
+        beat.progress("solve", 1, 10)
+    job = row(job_id)
+    assert (job.status, job.worker) == ("running", "new-owner")
+
+
+def test_stopped_worker_hands_its_job_back_to_the_queue(
+    runtime: Path, fitted: Fitted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import queue
+    from workers import kinds
+
+    def interrupted(*_: Any) -> Any:
+        raise SystemExit  # what RQ's cold shutdown raises inside a running job
+
+    monkeypatch.setitem(kinds.RUNNERS, "cv", interrupted)
+    job_id = make_job(fitted, "cv", {"folds": 2})
+
+    with pytest.raises(SystemExit):
+        tasks.run_job(job_id)
+
+    job = row(job_id)
+    assert (job.status, job.attempts, job.enqueue_failed) == ("queued", 1, False)
+    assert queue.get_queue().job_ids == [queue.rq_job_id(job_id)]
