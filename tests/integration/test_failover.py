@@ -247,3 +247,28 @@ def test_queued_job_waits_for_a_worker_and_survives_an_api_restart(
     assert len(result["per_fold"]) == 2 and np.isfinite(result["estimate"])
     worker.terminate()
     assert worker.wait(timeout=30) == 0
+
+
+def test_twice_terminated_worker_hands_its_job_back(
+    split: SplitStack, carol: httpx.Client, carol_data: Uploaded
+) -> None:
+    worker = split.worker()
+    job = submit(carol, "unlearning", carol_data, **SLOW_PARAMS)
+    deadline = time.monotonic() + 60
+    while not _runs(split, carol, job["id"], worker):
+        assert time.monotonic() < deadline, f"worker never ran the job:\n{split.logs()}"
+        time.sleep(0.1)
+
+    # First SIGTERM: warm shutdown (finish the job); second: stop it and give it back.
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=30)
+
+    handed_back = carol.get(f"/v1/jobs/{job['id']}").json()
+    if handed_back["status"] == "succeeded":
+        pytest.skip("the job finished within the warm-shutdown window on this machine")
+    assert (handed_back["status"], handed_back["attempts"]) == ("queued", 1), handed_back
+    split.worker()
+    result_of(carol, job["id"])
+    assert carol.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 2
