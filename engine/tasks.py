@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("fisher", "hessian")
 POLICIES = ("auto", "all")
+# Right-hand sides scored together in one vmapped forward-mode pass (memory grows with it).
+SCORE_COLUMNS = 32
 # Candidate counts tried by the fairness policy "auto" (a geometric grid up to the cap).
 FAIRNESS_GRID_POINTS = 24
 # Largest d for which the proximal step materializes the metric M as a dense matrix;
@@ -301,9 +303,33 @@ def _point_loss_gradients(problem: Problem, X: Tensor, y: Tensor) -> Tensor:
     return torch.cat(rows).T
 
 
-def _scores(problem: Problem, s: Tensor) -> Tensor:
-    """Removal scores (1/n) sᵀ g_i for every training row: (n,) or (n, m) for s (d, m)."""
-    return loss_directional_derivatives(problem, s) / problem.n
+def _scores(problem: Problem, s: Tensor, progress: Progress | None = None) -> Tensor:
+    """Removal scores (1/n) sᵀ g_i for every training row: (n,) or (n, m) for s (d, m).
+
+    One forward-mode pass of the per-row losses along each column of s, the columns
+    vmapped in groups of SCORE_COLUMNS; no n × d gradient matrix is formed.
+    """
+    if s.dim() == 1:
+        return loss_directional_derivatives(problem, s) / problem.n
+
+    params = problem.params()
+    batches = list(problem.batches())
+    out = []
+    for b, idx in enumerate(batches):
+        X, y = problem.X[idx], problem.y[idx]
+
+        def losses(p: dict[str, Tensor], X: Tensor = X, y: Tensor = y) -> Tensor:
+            return problem.family.loss(problem.forward(p, X), y)
+
+        def along(column: Tensor) -> Tensor:
+            return torch.func.jvp(losses, (params,), (problem.unflatten(column),))[1]
+
+        groups = [torch.func.vmap(along, in_dims=1, out_dims=1)(s[:, a:a + SCORE_COLUMNS])
+                  for a in range(0, s.shape[1], SCORE_COLUMNS)]
+        out.append(torch.cat(groups, dim=1).detach())
+        if progress is not None:
+            progress("scoring", b + 1, len(batches))
+    return torch.cat(out) / problem.n
 
 
 def _finish(values: dict[str, Any], arrays: dict[str, Tensor | np.ndarray], timer: PhaseTimer,
@@ -426,9 +452,7 @@ def attribute(
         directions = curvature.solve(curvature.operator(problem), gradients, "solve")
 
     with timer.phase("scoring"):
-        report("scoring", 0, 1)
-        scores = _scores(problem, directions)
-        report("scoring", 1, 1)
+        scores = _scores(problem, directions, report)
 
     mean_scores = scores.mean(dim=1)
     helpful_scores, helpful = torch.topk(scores, k, dim=0, largest=True)

@@ -246,7 +246,7 @@ class TinyMLP:
             return float(value.detach()), grad.numpy()
 
         res = minimize(fun, theta0, jac=True, method="L-BFGS-B",
-                       options={"maxiter": 20000, "gtol": 1e-10, "ftol": 0.0})
+                       options={"maxiter": 20000, "gtol": 1e-7, "ftol": 0.0})
         return self.newton(lambda t: self.objective(t, w), res.x)
 
     def _weights(self, weights: np.ndarray | None) -> torch.Tensor:
@@ -265,7 +265,7 @@ class TinyMLP:
             (grad,) = torch.autograd.grad(value, t)
             if float(grad.norm()) < tol:
                 return theta.numpy()
-            hess = torch.autograd.functional.hessian(fn, theta)
+            hess = torch.autograd.functional.hessian(fn, theta, vectorize=True)
             shift = 0.0
             while True:
                 try:
@@ -276,29 +276,87 @@ class TinyMLP:
                     shift = max(2 * shift, 1e-8)
             step = torch.cholesky_solve(grad[:, None], chol)[:, 0]
             t_len = 1.0
-            slope = float(grad @ step)
+            slope, value = float(grad @ step), value.detach()
             # Backtrack only far from the optimum: near it, rounding hides the decrease.
             while slope > 1e-12 and t_len > 1e-10 and \
-                    float(fn(theta - t_len * step)) > float(value) - 1e-4 * t_len * slope:
+                    float(fn(theta - t_len * step).detach()) > float(value) - 1e-4 * t_len * slope:
                 t_len *= 0.5
             theta = theta - t_len * step
             if t_len == 1.0 and float(step.norm()) <= 1e-13 * max(1.0, float(theta.norm())):
                 return theta.numpy()
         raise RuntimeError(f"oracle Newton did not converge, gradient norm {float(grad.norm())}")
 
-    def retrain_without(self, theta_hat: np.ndarray, remove) -> np.ndarray:
-        """Warm-started exact minimizer of the weighted objective with w_S = 0."""
+    @staticmethod
+    def chord_newton(fn: Callable[[torch.Tensor], torch.Tensor], theta0: np.ndarray,
+                     hess: torch.Tensor, tol: float = 1e-13, max_iter: int = 60) -> np.ndarray:
+        """Minimize fn from θ0 by steps −H0⁻¹∇fn with a fixed Hessian H0 near the answer.
+
+        Converges linearly at rate ‖I − H0⁻¹H*‖ (about |S|/n for a few removed rows), so
+        a few dozen cheap gradient steps reach rounding; stops on a gradient below tol
+        or a relative step below 1e-14, else raises.
+        """
+        chol = torch.linalg.cholesky(hess)
+        theta = torch.as_tensor(theta0, dtype=torch.float64).clone()
+        for _ in range(max_iter):
+            t = theta.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(fn(t), t)
+            if float(grad.norm()) < tol:
+                return theta.numpy()
+            step = torch.cholesky_solve(grad[:, None], chol)[:, 0]
+            theta = theta - step
+            if float(step.norm()) <= 1e-14 * max(1.0, float(theta.norm())):
+                return theta.numpy()
+        raise RuntimeError(f"oracle chord Newton did not converge, gradient {float(grad.norm())}")
+
+    def hessian(self, fn: Callable[[torch.Tensor], torch.Tensor], theta: np.ndarray
+                ) -> torch.Tensor:
+        """Dense Hessian of fn at θ, (d, d)."""
+        return torch.autograd.functional.hessian(
+            fn, torch.as_tensor(theta, dtype=torch.float64), vectorize=True)
+
+    def retrain_without(self, theta_hat: np.ndarray, remove,
+                        hess: torch.Tensor | None = None) -> np.ndarray:
+        """Warm-started exact minimizer of the weighted objective with w_S = 0. `hess`:
+        the Hessian of the full objective at θ̂, reused across calls (chord Newton)."""
         w = torch.ones(self.n, dtype=torch.float64)
         w[torch.as_tensor(np.atleast_1d(remove))] = 0.0
-        return self.newton(lambda t: self.objective(t, w), theta_hat)
 
-    def pbrf(self, theta_hat: np.ndarray, remove: int, damping: float) -> np.ndarray:
-        """Proximal Bregman response of removing one row (Bae et al., 2022).
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return self.objective(t, w)
 
-        argmin_θ (1/n) Σ_j D_j(θ) − (1/n) ℓ_remove(θ) + ((λ + δ)/2) ‖θ − θ̂‖², where
+        return self._solve(fn, theta_hat, hess, remove)
+
+    def _solve(self, fn: Callable[[torch.Tensor], torch.Tensor], theta_hat: np.ndarray,
+               hess: torch.Tensor | None, remove) -> np.ndarray:
+        """Chord Newton with the Hessian at θ̂ less the removed rows' share (or, failing
+        that, the full Hessian); rows that move θ too far for either fall back to damped
+        Newton with fresh Hessians. Every path stops only at a vanishing gradient."""
+        if hess is not None:
+            for preconditioner in (hess - self._row_hessian(theta_hat, remove), hess):
+                try:
+                    return self.chord_newton(fn, theta_hat, preconditioner)
+                except RuntimeError:
+                    continue
+        return self.newton(fn, theta_hat)
+
+    def _row_hessian(self, theta: np.ndarray, rows) -> torch.Tensor:
+        """(1/n) Σ_{i∈rows} ∇²ℓ_i at θ: what removing the rows takes off the Hessian."""
+        idx = torch.as_tensor(np.atleast_1d(rows))
+
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return self.bce(self.outputs(t, self.X[idx]), self.y[idx]).sum() / self.n
+
+        return self.hessian(fn, theta)
+
+    def pbrf_objective(self, theta_hat: np.ndarray, remove: int | None, damping: float
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The proximal Bregman objective of removing one row (Bae et al., 2022):
+
+        (1/n) Σ_j D_j(θ) − (1/n) ℓ_remove(θ) + ((λ + δ)/2) ‖θ − θ̂‖², where
         D_j(θ) = ℓ(f_j(θ)) − ℓ(f̂_j) − ℓ'(f̂_j)(f_j(θ) − f̂_j) is the Bregman divergence
         of the output-space loss around θ̂'s outputs. For the L2 penalty, its own
-        Bregman divergence is (λ/2)‖θ − θ̂‖², so λ joins the damping δ.
+        Bregman divergence is (λ/2)‖θ − θ̂‖², so λ joins the damping δ. remove=None
+        drops the removal term (its Hessian at θ̂ preconditions every row's solve).
         """
         base = torch.as_tensor(theta_hat, dtype=torch.float64)
         f_hat = self.outputs(base, self.X).detach()
@@ -308,11 +366,19 @@ class TinyMLP:
         def fn(t: torch.Tensor) -> torch.Tensor:
             f = self.outputs(t, self.X)
             bregman = self.bce(f, self.y) - loss_hat - dloss_hat * (f - f_hat)
-            removal = self.bce(f[remove], self.y[remove])
             prox = 0.5 * (self.lam + damping) * torch.sum((t - base) ** 2)
-            return bregman.sum() / self.n - removal / self.n + prox
+            value = bregman.sum() / self.n + prox
+            if remove is not None:
+                value = value - self.bce(f[remove], self.y[remove]) / self.n
+            return value
 
-        return self.newton(fn, theta_hat)
+        return fn
+
+    def pbrf(self, theta_hat: np.ndarray, remove: int, damping: float,
+             hess: torch.Tensor | None = None) -> np.ndarray:
+        """Minimizer of `pbrf_objective`; `hess` as from pbrf_objective(remove=None)."""
+        fn = self.pbrf_objective(theta_hat, remove, damping)
+        return self._solve(fn, theta_hat, hess, remove)
 
     def mean_loss(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
         t = torch.as_tensor(theta, dtype=torch.float64)
