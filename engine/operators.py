@@ -120,25 +120,36 @@ def _vmapped(problem: Problem, X: Tensor, y: Tensor, T: dict[str, Tensor], varia
     return dict(torch.func.vmap(lambda t: torch.func.jvp(grad_fn, (p,), (t,))[1])(T))
 
 
+_VMAP_VARIANT = {"fused": "jvp_vjp", "jvp_vjp": "jvp_vjp", "fwd_rev": "fwd_rev",
+                 "double_backward": "fwd_rev"}
+
+
 def batch_product(problem: Problem, idx: Tensor, v: Tensor, kind: str = "fisher",
                   variant: str | None = None) -> Tensor:
     """Σ_{i∈idx} M_i v for one batch of rows (a sum, not a mean); v (d,) or (d, m).
 
-    Several columns go through torch.func.vmap for the functional variants; the fused and
-    double-backward variants loop over columns.
+    A single column uses `variant`. Several columns go through torch.func.vmap in blocks
+    of VMAP_COLUMNS with the functional variant of the same matrix ("fused" -> "jvp_vjp",
+    "double_backward" -> "fwd_rev"): forward_ad and create_graph do not compose with vmap,
+    and the vmapped products are faster per column from about 4 columns on.
     """
     variant = _check_variant(kind, variant)
     X, y = problem.X[idx], problem.y[idx]
     columns = v.unsqueeze(1) if v.dim() == 1 else v
-    # Limitation: the fused and double-backward variants run one column at a time
-    # (torch.autograd.forward_ad and create_graph do not compose with vmap), so many
-    # right-hand sides are cheaper through "jvp_vjp" / "fwd_rev".
     out = []
     j = 0
+    vmap_ok = True
     while j < columns.shape[1]:
-        if columns.shape[1] - j > 1 and variant in ("jvp_vjp", "fwd_rev"):
+        if vmap_ok and columns.shape[1] - j > 1:
             block = columns[:, j:j + VMAP_COLUMNS]
-            res = _vmapped(problem, X, y, problem.unflatten(block), variant)
+            try:
+                res = _vmapped(problem, X, y, problem.unflatten(block), _VMAP_VARIANT[variant])
+            except (RuntimeError, NotImplementedError) as exc:
+                # A layer without a batching rule: fall back to one column at a time.
+                logger.warning("vmapped %s product failed (%s); looping over columns",
+                               kind, exc)
+                vmap_ok = False
+                continue
             out.append(problem.flatten(res, batched=True).detach())
             j += block.shape[1]
             continue
