@@ -156,7 +156,7 @@ class _Curvature:
         """x = C⁻¹ rhs for rhs (d,) or (d, m); the report is kept for the result."""
         columns = 1 if rhs.dim() == 1 else rhs.shape[1]
         self.progress(phase, 0, columns)
-        x, report = solve(op, rhs, solver=self.solver, **self.options)
+        x, report = solve(op, rhs, solver=self.solver, progress=self.progress, **self.options)
         self.reports.append(report.to_dict())
         self.progress(phase, columns, columns)
         logger.info("%s solve: %d right-hand side(s), %s", phase, columns, report.to_dict())
