@@ -318,6 +318,13 @@ class CurvatureOperator:
                                                         device=self.device)))
 
 
+    def diagonal(self) -> Tensor:
+        """Diagonal of C for a Jacobi preconditioner, (d,). For the Hessian this is the
+        Fisher's diagonal (+ penalty + δ): a positive stand-in, exact for GLMs."""
+        data = fisher_diagonal(self.problem, self.indices)
+        return data + self._extra(torch.ones(self.d, dtype=self.dtype, device=self.device))
+
+
 class MinibatchOperator:
     """C_B v with B a fresh uniform batch (without replacement) of the parent's rows."""
 
@@ -362,6 +369,9 @@ class DenseOperator:
 
     def dense(self, chunk: int = 64) -> Tensor:
         return self.matrix
+
+    def diagonal(self) -> Tensor:
+        return torch.diagonal(self.matrix).clone()
 
 
 def fisher_operator(problem: Problem, damping: float = 0.0, regularized: bool = True,
@@ -423,6 +433,24 @@ def dense_fisher(problem: Problem, indices: Tensor | None = None) -> Tensor:
         total += torch.einsum("bkd,bke->de", J, LJ)
     total /= rows
     return 0.5 * (total + total.T)
+
+
+def fisher_diagonal(problem: Problem, indices: Tensor | None = None) -> Tensor:
+    """diag F = (1/n) Σ_i Σ_k J_ik ⊙ (Λ_i J_i)_k, (d,), from per-row Jacobians.
+
+    Costs about K backward passes over the rows; memory b·K·d per chunk of rows.
+    """
+    rows = problem.n if indices is None else int(indices.shape[0])
+    chunk = max(1, min(problem.batch_size, 20_000_000 // max(problem.out_dim * problem.d * 3,
+                                                             1)))
+    total = torch.zeros(problem.d, dtype=problem.dtype, device=problem.device)
+    for idx in problem.batches(indices, chunk):
+        J = output_jacobians(problem, idx)
+        with torch.no_grad():
+            f = problem.forward(None, problem.X[idx])
+        LJ = problem.family.curvature(f.unsqueeze(1), J.transpose(1, 2)).transpose(1, 2)
+        total += torch.einsum("bkd,bkd->d", J, LJ)
+    return total / rows
 
 
 def power_iteration(op: LinearOperator, iters: int = 100, tol: float = 1e-3, seed: int = 0,

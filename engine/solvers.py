@@ -86,7 +86,8 @@ def relative_residual(op: LinearOperator, x: Tensor, v: Tensor) -> float:
 def solve(op: LinearOperator, rhs: Tensor, solver: str = "auto", **options: Any
           ) -> tuple[Tensor, SolveReport]:
     """Solve C x = rhs. Options by solver:
-    exact: none. cg: tol, max_iter, x0. lissa: depth, repeats, batch_size, scale (None =
+    exact: none. cg: tol, max_iter, x0, preconditioner (None, "jacobi" or a (d,) diagonal).
+    lissa: depth, repeats, batch_size, scale (None =
     automatic), damping (added to C's own), seed, tol, check_every (0 = never stop early).
     Every solver takes `progress(phase, done, total)`, called once per iteration (phase
     "solve"); an exception it raises (e.g. a cancel) propagates out of `solve`.
@@ -101,7 +102,7 @@ def solve(op: LinearOperator, rhs: Tensor, solver: str = "auto", **options: Any
         raise SpecError("right-hand side contains NaN or inf")
     if solver == "auto":
         solver = "exact" if op.d <= AUTO_EXACT_MAX_D else "cg"
-    allowed = {"exact": set(), "cg": {"tol", "max_iter", "x0"},
+    allowed = {"exact": set(), "cg": {"tol", "max_iter", "x0", "preconditioner"},
                "lissa": {"depth", "repeats", "batch_size", "scale", "damping", "seed", "tol",
                          "check_every"}}[solver] | {"progress"}
     unknown = sorted(set(options) - allowed)
@@ -177,20 +178,49 @@ def _dense_residual(A: Tensor, X: Tensor, B: Tensor) -> float:
 
 # ---- conjugate gradient -----------------------------------------------------------------
 
+def _jacobi(op: LinearOperator, preconditioner: str | Tensor | None) -> Tensor | None:
+    """Inverse diagonal (d,) for preconditioned CG, or None."""
+    if preconditioner is None:
+        return None
+    if isinstance(preconditioner, str):
+        if preconditioner != "jacobi":
+            raise SpecError(f"cg: unknown preconditioner {preconditioner!r} (known: jacobi)")
+        diagonal = getattr(op, "diagonal", None)
+        if not callable(diagonal):
+            raise SpecError("cg: this operator has no diagonal for a Jacobi preconditioner")
+        diag = diagonal()
+    else:
+        diag = preconditioner.to(op.device, op.dtype)
+    if diag.shape != (op.d,) or not bool(torch.isfinite(diag).all()):
+        raise SpecError(f"cg: the preconditioner diagonal must be finite with shape ({op.d},)")
+    # Zero entries (e.g. unpenalized dead units) would blow up: floor them relative to the max.
+    floor = float(diag.abs().max()) * 1e-8 or 1.0
+    return 1.0 / torch.clamp(diag, min=floor)
+
+
 def _cg(op: LinearOperator, rhs: Tensor, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER,
-        x0: Tensor | None = None, progress: Progress | None = None
-        ) -> tuple[Tensor, SolveReport]:
+        x0: Tensor | None = None, progress: Progress | None = None,
+        preconditioner: str | Tensor | None = None) -> tuple[Tensor, SolveReport]:
+    """(Preconditioned) CG, columns side by side; stops on ‖r‖/‖b‖ <= tol per column."""
     report = SolveReport(solver="cg")
     progress = progress or _no_progress
+    inv_diag = _jacobi(op, preconditioner)
+    if inv_diag is not None:
+        report.details["preconditioner"] = "jacobi"
+
+    def precondition(R: Tensor) -> Tensor:
+        return R if inv_diag is None else inv_diag[:, None] * R
+
     B = _columns(rhs)
     m = B.shape[1]
     X = torch.zeros_like(B) if x0 is None else _columns(x0.to(B)).clone()
     R = B - _columns(op.matvec(X)) if x0 is not None else B.clone()
     report.products += m if x0 is not None else 0
-    P = R.clone()
-    rr = (R * R).sum(0)
+    Z = precondition(R)
+    P = Z.clone()
+    rz = (R * Z).sum(0)
     bnorm = torch.clamp(torch.linalg.norm(B, dim=0), min=1e-300)
-    active = torch.sqrt(rr) / bnorm > tol
+    active = torch.linalg.norm(R, dim=0) / bnorm > tol
     history: list[float] = []
 
     while bool(active.any()) and report.iterations < max_iter:
@@ -213,14 +243,15 @@ def _cg(op: LinearOperator, rhs: Tensor, tol: float = CG_TOL, max_iter: int = CG
             report.message = "negative curvature (pᵀCp <= 0): the operator is not " \
                              "positive definite"
             break
-        alpha = rr[cols] / pAp
+        alpha = rz[cols] / pAp
         X[:, cols] += alpha * P[:, cols]
         R[:, cols] -= alpha * AP
-        rr_new = (R[:, cols] * R[:, cols]).sum(0)
-        beta = rr_new / rr[cols]
-        P[:, cols] = R[:, cols] + beta * P[:, cols]
-        rr[cols] = rr_new
-        rel = torch.sqrt(rr) / bnorm
+        Z_cols = precondition(R[:, cols])
+        rz_new = (R[:, cols] * Z_cols).sum(0)
+        beta = rz_new / rz[cols]
+        P[:, cols] = Z_cols + beta * P[:, cols]
+        rz[cols] = rz_new
+        rel = torch.linalg.norm(R, dim=0) / bnorm
         history.append(float(rel.max()))
         active = rel > tol
 

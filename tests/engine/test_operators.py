@@ -101,6 +101,8 @@ def test_mlp_hessian_and_fisher_match_autograd_oracles(tanh_mlp: Problem) -> Non
     np.testing.assert_allclose(F_dense, F_ref, atol=1e-12)
     np.testing.assert_allclose(H_dense, H_ref, atol=1e-12)
     assert np.linalg.eigvalsh(F_dense).min() > -1e-12  # PSD
+    np.testing.assert_allclose(fisher_operator(tanh_mlp).diagonal().numpy(),
+                               np.diag(F_ref) + 1e-3, atol=1e-12)
     assert np.linalg.eigvalsh(H_dense).min() < -1e-6  # away from the optimum: indefinite
 
     V = torch.randn(tanh_mlp.d, 2, generator=torch.Generator().manual_seed(2),

@@ -159,3 +159,24 @@ def test_progress_is_called_and_its_exceptions_propagate(solver: str) -> None:
 
     with pytest.raises(_Cancelled):
         solve(op, torch.ones(3, dtype=torch.float64), solver, progress=cancel)
+
+
+def test_jacobi_preconditioned_cg() -> None:
+    # Badly scaled SPD matrix: a diagonal over six decades plus a weak coupling.
+    rng = np.random.default_rng(0)
+    scales = np.logspace(-3, 3, 40)
+    G = rng.normal(size=(40, 40)) / 40
+    M = np.diag(scales) + np.sqrt(np.outer(scales, scales)) * (G @ G.T) * 0.5
+    op = DenseOperator(torch.tensor(M))
+    B = torch.tensor(rng.normal(size=(40, 2)))
+    ref = np.linalg.solve(M, B.numpy())
+
+    x_plain, plain = solve(op, B, "cg", tol=1e-10, max_iter=2000)
+    x_pcg, pcg = solve(op, B, "cg", tol=1e-10, preconditioner="jacobi")
+    x_given, _ = solve(op, B, "cg", tol=1e-10, preconditioner=torch.tensor(np.diag(M)))
+    for x in (x_plain, x_pcg, x_given):
+        np.testing.assert_allclose(x.numpy(), ref, rtol=1e-6, atol=1e-9)
+    assert pcg.details["preconditioner"] == "jacobi"
+    assert pcg.iterations < plain.iterations / 2
+    with pytest.raises(SpecError, match="unknown preconditioner"):
+        solve(op, B, "cg", preconditioner="ilu")
