@@ -6,12 +6,14 @@ An operator applies  C v = M v + λ∇²π v + δ v  with M = F or H, the penalt
 optional (`regularized`) and δ = `damping`. Vectors are flat over the in-scope
 parameters: v is (d,) or (d, m) (m right-hand sides); the result has v's shape.
 
-Product variants (`variant`):
+Product variants (`variant`), for one right-hand side:
   fisher:  "jvp_vjp"  torch.func.jvp, then Λ in output space, then a fresh torch.func.vjp
            "fused"    one forward carrying dual numbers (torch.autograd.forward_ad) that
-                      also records the reverse graph, then one backward
-  hessian: "fwd_rev"  forward-over-reverse, torch.func.jvp of torch.func.grad
+                      also records the reverse graph, then one backward (the default)
+  hessian: "fwd_rev"  forward-over-reverse, torch.func.jvp of torch.func.grad (default)
            "double_backward"  reverse-over-reverse with create_graph=True
+Several right-hand sides go through vmapped "jvp_vjp" / "fwd_rev". `keep_graph=True`
+reuses each batch's first-order graph across products (`KeptBatch`), for CG at fixed θ.
 """
 
 from __future__ import annotations
