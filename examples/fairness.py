@@ -159,6 +159,8 @@ def _plot(rows: list[dict[str, Any]], metric: str, utility_name: str, path: Path
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0], "fairness")
     p.add_argument("--adult-dir", type=Path, help="folder with adult.data and adult.test")
+    p.add_argument("--adult-rows", type=int, default=None,
+                   help="random training rows of Adult to use (default all; 2000 with --quick)")
     p.add_argument("--policy", choices=("auto", "all"), default="auto",
                    help="auto: best count under the utility cap; all: every lowering row")
     p.add_argument("--max-utility-drop", type=float, default=0.05,
@@ -168,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.adult_dir:
         data = load_adult(args.adult_dir)
-        if args.quick:
-            data = _subsample(data, 2000, args.seed)
+        rows = args.adult_rows or (2000 if args.quick else None)
+        if rows:
+            data = _subsample(data, rows, args.seed)
         regression, name, hidden, lam = False, "adult", 16 if args.quick else 64, 1e-3
     else:
         data = load_sklearn("diabetes", seed=args.seed)
