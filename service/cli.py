@@ -239,6 +239,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
             if not children.check():
                 logger.error("the API process exited; shutting down")
                 return 1
+            if redis_server is not None and not redis_server.running():
+                logger.error("the embedded Redis exited; shutting down (see %s)",
+                             data_dir / "redis.log")
+                return 1
         return 0
     finally:
         stop.set()

@@ -112,6 +112,10 @@ class EmbeddedRedis:
         self.stop()
         raise RuntimeError(f"embedded redis-server did not answer on {self.socket_path}")
 
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self.process is not None and self.process.poll() is None
+
     def stop(self) -> None:
         """Ask the server to exit (it saves its snapshot), then make sure it did."""
         if self.process is None or self.process.poll() is not None:

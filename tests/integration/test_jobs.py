@@ -3,6 +3,9 @@ two worker processes, reconciler), with numbers checked against scikit-learn ref
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from typing import Any
 
 import httpx
@@ -266,6 +269,34 @@ def test_tenants_see_only_their_own(alice: httpx.Client, bob: httpx.Client,
     })
     assert stolen.status_code == 404
     assert httpx.get(f"{alice.base_url}/v1/jobs").status_code == 401
+
+
+def test_up_restarts_a_worker_that_died(stack: Stack, alice: httpx.Client,
+                                        uploaded: Uploaded) -> None:
+    import psutil
+
+    def workers() -> set[int]:
+        """Live worker children of `afif up` (a killed one may linger as a zombie)."""
+        assert stack.process is not None
+        alive = set()
+        for child in psutil.Process(stack.process.pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and "worker" in child.cmdline():
+                    alive.add(child.pid)
+            except psutil.Error:
+                continue
+        return alive
+
+    before = workers()
+    assert len(before) == 2
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while len(workers() - {victim}) < 2:
+        assert time.monotonic() < deadline, f"no replacement worker:\n{stack.log()}"
+        time.sleep(0.2)
+    job = submit(alice, "cv", uploaded, folds=2, solver="exact")
+    assert len(result_of(alice, job["id"])["per_fold"]) == 2
 
 
 def test_restarted_stack_still_serves_every_result(stack: Stack, alice: httpx.Client) -> None:
