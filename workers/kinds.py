@@ -101,10 +101,11 @@ def run_fairness(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutco
         progress=progress,
         **_solver_args(params),
     )
+    # A new model only when rows were actually unlearned (the policy may remove none).
     removed = None
     if params.unlearn and result.parameters is not None:
         rows = result.arrays.get("removed", result.values.get("removed", []))
-        removed = sorted(int(i) for i in np.asarray(rows).ravel())
+        removed = sorted(int(i) for i in np.asarray(rows).ravel()) or None
     return KindOutcome(result, removed=removed)
 
 
