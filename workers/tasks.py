@@ -181,8 +181,8 @@ class Beat:
 
     def progress(self, phase: str, done: int, total: int) -> None:
         """Engine callback: record progress, write it if due, stop the job if cancelled."""
-        # Limitation: a cancel takes effect at the engine's next progress call; a solve that
-        # reports only its start and end (e.g. LiSSA today) runs to its end first.
+        # Limitation: a cancel takes effect at the engine's next progress call; a phase
+        # that reports only its start and end runs to its end first.
         self.check_cancelled()
         with self._lock:
             self._pending = (phase, int(done), int(total))
