@@ -255,6 +255,10 @@ class Supervisor:
     """Child processes of `afif up`: started in their own process group, restarted if a
     worker dies, and stopped together (SIGTERM, then SIGKILL after a grace period)."""
 
+    # Limitation: children live in their own sessions (so a terminal's Ctrl-C reaches only
+    # `afif up`, which stops them in order); if `afif up` itself is SIGKILLed they are
+    # orphaned and keep running until stopped by hand.
+
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
         self.children: dict[str, tuple[list[str], dict[str, str], subprocess.Popen[bytes]]] = {}

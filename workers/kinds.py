@@ -51,7 +51,11 @@ def _solver_args(params: Any) -> dict[str, Any]:
 
 
 def run_unlearning(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOutcome:
-    """Remove `params.remove` from the training set; the new model forgets those rows."""
+    """Remove `params.remove` from the training set; the new model forgets those rows.
+
+    The contract's `solver` diagnostics are the engine's curvature summary (method,
+    damping, and one report per linear solve).
+    """
     result = engine_tasks().unlearn(
         inputs.problem,
         list(params.remove),
@@ -59,6 +63,8 @@ def run_unlearning(params: Any, inputs: Inputs, progress: ProgressFn) -> KindOut
         progress=progress,
         **_solver_args(params),
     )
+    if "solver" not in result.values and "curvature" in result.values:
+        result.values["solver"] = result.values.pop("curvature")
     return KindOutcome(result, removed=sorted(int(i) for i in params.remove))
 
 

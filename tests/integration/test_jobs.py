@@ -56,6 +56,8 @@ def test_unlearning_one_step_and_refined(
     assert distance(stepped, expected) < 1e-4 * baseline
     assert distance(stepped, retrained) < 0.5 * baseline
     assert one_result["n_removed"] == len(remove)
+    solves = one_result["solver"]["solves"]
+    assert solves and all(solve["converged"] for solve in solves)
     assert one_result["parameter_change_norm"] == pytest.approx(
         distance(stepped, original), rel=1e-3
     )
