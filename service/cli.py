@@ -204,7 +204,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     stop = _stop_event_on_signals()
 
     _cmd_migrate(args)
-    env = dict(os.environ, AFIF_DATA_DIR=str(data_dir))
+    env = dict(os.environ, AFIF_DATA_DIR=str(data_dir), AFIF_LOG_LEVEL=args.log_level)
     redis_server: EmbeddedRedis | None = None
     if not settings.redis_url:
         redis_server = EmbeddedRedis(data_dir)
