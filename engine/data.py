@@ -104,6 +104,7 @@ def load_adult(folder: str | Path) -> TabularSplit:
     n_numeric = len(ADULT_NUMERIC)
     mean = X_train[:, :n_numeric].mean(axis=0)
     std = X_train[:, :n_numeric].std(axis=0)
+    std[std == 0] = 1.0  # a constant column stays all zeros instead of NaN
     X_train[:, :n_numeric] = (X_train[:, :n_numeric] - mean) / std
     X_test[:, :n_numeric] = (X_test[:, :n_numeric] - mean) / std
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.errors import SpecError
+from engine.errors import EngineError, SpecError
 from engine.objectives import (
     Objective,
     accuracy,
@@ -265,6 +265,13 @@ def _outputs(problem: Problem, X: Tensor, theta: Tensor | None = None) -> Tensor
                           for i in range(0, X.shape[0], problem.batch_size)])
 
 
+def evaluate(problem: Problem, objective: Objective, theta: Tensor | None = None) -> float:
+    """Plug-in value T(θ) of an objective at θ (d,) (default θ̂), e.g. the mean loss of
+    held-out rows at an unlearned model."""
+    with torch.no_grad():
+        return float(objective.fn(_outputs(problem, objective.X, theta)))
+
+
 def objective_gradient(problem: Problem, objective: Objective) -> tuple[float, Tensor]:
     """T(θ̂) and ∇_θ T(θ̂), (d,): T is differentiated in output space, then each batch's
     output gradient is pulled back through the model (memory of one batch)."""
@@ -391,7 +398,8 @@ def unlearn(
         report("refine", step + 1, refine_steps)
 
     if not bool(torch.isfinite(theta).all()):
-        raise SpecError("unlearning produced non-finite parameters; raise the damping")
+        raise EngineError("unlearning produced non-finite parameters; add damping in "
+                          "solver_options")
     values = {
         "n_removed": int(rows.numel()),
         "removed": rows.cpu().tolist() if rows.numel() <= 1000 else None,
@@ -448,6 +456,9 @@ def attribute(
         test_losses = problem.family.loss(_outputs(problem, X), y)
         report("gradient", 1, 1)
 
+    # Limitation: for non-smooth penalties these linearized scores use the curvature of
+    # the smooth part only (the active set of θ̂ is treated as free), unlike unlearning
+    # and cross-validation, which take the proximal step.
     with timer.phase("solve"):
         directions = curvature.solve(curvature.operator(problem), gradients, "solve")
 
@@ -532,7 +543,10 @@ def fairness(
         raise SpecError(f"max_fraction must lie in (0, 1], got {max_fraction}")
     if not max_accuracy_drop >= 0.0:
         raise SpecError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
-    s = torch.as_tensor(np.asarray(sensitive, dtype=np.float64)).reshape(-1)
+    try:
+        s = torch.as_tensor(np.asarray(sensitive, dtype=np.float64)).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"sensitive must be numeric: {exc}") from exc
     objective = make_fairness_objective(metric, problem.family, problem.X,
                                         s.to(problem.device, problem.dtype))
     curvature = _Curvature.build(problem, method, solver, solver_options, report)
