@@ -191,7 +191,7 @@ def _stop_event_on_signals() -> threading.Event:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from service.queue import EmbeddedRedis
+    from service.queue import EmbeddedRedis, socket_answers
     from service.settings import get_settings
     from workers.reconciler import reconcile_forever
 
@@ -208,10 +208,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
     redis_server: EmbeddedRedis | None = None
     if not settings.redis_url:
         redis_server = EmbeddedRedis(data_dir)
-        redis_server.start()
-        env["REDIS_URL"] = redis_server.url
+        if socket_answers(redis_server.socket_path):
+            # A server left by an earlier run (or a standalone process) already serves
+            # this data dir; two servers on one socket and one dump file would clash.
+            logger.warning("reusing the Redis already listening on %s", redis_server.socket_path)
+            url = redis_server.url
+            redis_server = None
+        else:
+            redis_server.start()
+            url = redis_server.url
+        env["REDIS_URL"] = url
         # This process's own clients (the reconciler) must use the same server.
-        os.environ["REDIS_URL"] = redis_server.url
+        os.environ["REDIS_URL"] = url
         get_settings.cache_clear()
 
     devices = _worker_devices(args.devices, args.workers)

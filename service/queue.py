@@ -105,7 +105,7 @@ class EmbeddedRedis:
                     f"embedded redis-server exited with code {self.process.returncode}; "
                     f"see {self.data_dir / 'redis.log'}"
                 )
-            if _socket_answers(self.socket_path):
+            if socket_answers(self.socket_path):
                 logger.info("embedded Redis up on %s (pid %d)", self.socket_path, self.process.pid)
                 return
             time.sleep(0.05)
@@ -146,7 +146,8 @@ def _redis_server_binary() -> str:
     return found
 
 
-def _socket_answers(path: Path) -> bool:
+def socket_answers(path: Path) -> bool:
+    """True if a Redis server answers PING on the unix socket `path`."""
     if not path.exists():
         return False
     client = redis.Redis(unix_socket_path=str(path), socket_connect_timeout=1, socket_timeout=1)
@@ -175,7 +176,7 @@ def ensure_embedded(data_dir: str | os.PathLike[str]) -> str:
     socket_path = directory / SOCKET_NAME
     with open(directory / "redis.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _socket_answers(socket_path):
+        if socket_answers(socket_path):
             return f"unix://{socket_path}"
         server = EmbeddedRedis(directory)
         server.start()
