@@ -44,7 +44,7 @@ from engine.operators import (
 from engine.problem import Problem
 from engine.prox import PROX_MAX_ITER, PROX_TOL, fisher_prox
 from engine.results import PhaseTimer, Progress, ProgressFn, TaskResult
-from engine.solvers import solve
+from engine.solvers import AUTO_EXACT_MAX_D, solve
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class _Curvature:
     progress: Progress
     reports: list[dict[str, Any]]
     prox_reports: list[dict[str, Any]]
+    operators: list[tuple[Problem, bool, CurvatureOperator | DenseOperator]]
 
     @classmethod
     def build(cls, problem: Problem, method: str, solver: str,
@@ -144,15 +145,31 @@ class _Curvature:
             # served by the Fisher only.
             raise SpecError(f"regularizer {problem.regularizer.kind} is not smooth: "
                             "use method='fisher' (proximal Fisher step)")
-        return cls(method, solver, damping, variant, options, progress, [], [])
+        return cls(method, solver, damping, variant, options, progress, [], [], [])
 
-    def operator(self, problem: Problem, regularized: bool = True) -> CurvatureOperator:
-        """C at the problem's θ: the method's curvature (+ smooth penalty) + δ."""
+    def operator(self, problem: Problem, regularized: bool = True
+                 ) -> CurvatureOperator | DenseOperator:
+        """C at the problem's θ: the method's curvature (+ smooth penalty) + δ.
+
+        When the solve is exact, C is materialized once per task and problem and reused
+        by every later solve (scores, candidates, folds) instead of being rebuilt.
+        """
+        for known, known_regularized, op in self.operators:
+            if known is problem and known_regularized == regularized:
+                return op
+        built = self.matrix_free(problem, regularized)
+        exact = self.solver == "exact" or (self.solver == "auto" and problem.d <= AUTO_EXACT_MAX_D)
+        op: CurvatureOperator | DenseOperator = DenseOperator(built.dense()) if exact else built
+        self.operators.append((problem, regularized, op))
+        return op
+
+    def matrix_free(self, problem: Problem, regularized: bool = True) -> CurvatureOperator:
+        """C at the problem's θ as products over the data (never materialized)."""
         return curvature_operator(problem, self.method, damping=self.damping,
                                   regularized=regularized, variant=self.variant)
 
-    def solve(self, op: CurvatureOperator | _WeightedCurvature, rhs: Tensor, phase: str
-              ) -> Tensor:
+    def solve(self, op: CurvatureOperator | DenseOperator | _WeightedCurvature, rhs: Tensor,
+              phase: str) -> Tensor:
         """x = C⁻¹ rhs for rhs (d,) or (d, m); the report is kept for the result."""
         columns = 1 if rhs.dim() == 1 else rhs.shape[1]
         self.progress(phase, 0, columns)
@@ -187,7 +204,7 @@ class _Curvature:
         weights[kept] = 1.0
         grad = mean_gradient(at, weights=weights)
         smooth = problem.regularizer.smooth
-        weighted = _WeightedCurvature(self.operator(at, regularized=smooth), kept, problem.n)
+        weighted = _WeightedCurvature(self.matrix_free(at, regularized=smooth), kept, problem.n)
         if smooth:
             return theta - self.solve(weighted, grad + at.reg_grad(theta), "refine")
         metric = weighted
@@ -231,7 +248,8 @@ class _WeightedCurvature:
         return dense_matrix(self)
 
 
-def _metric_prox(problem: Problem, metric: CurvatureOperator | _WeightedCurvature, v: Tensor,
+def _metric_prox(problem: Problem,
+                 metric: CurvatureOperator | DenseOperator | _WeightedCurvature, v: Tensor,
                  start: Tensor, progress: Progress) -> tuple[Tensor, list[dict[str, Any]]]:
     """argmin_θ ½ (θ − v)ᵀ M (θ − v) + λπ(θ) per column of v ((d,) or (d, m)), warm
     started at `start` (d,), by `engine.prox.fisher_prox`. Small d: M is materialized
