@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,8 @@ PROX_LIPSCHITZ_MARGIN = 1.01
 
 def _rows(problem: Problem, rows: Any, what: str) -> Tensor:
     """Validate a list of training-row indices: integers in [0, n), no repeats."""
+    if isinstance(rows, Tensor):
+        rows = rows.detach().cpu().numpy()
     arr = np.asarray(rows if rows is not None else [])
     if arr.ndim != 1:
         raise SpecError(f"{what} must be a flat list of row indices, got shape {arr.shape}")
@@ -154,9 +156,9 @@ class _Curvature:
         When the solve is exact, C is materialized once per task and problem and reused
         by every later solve (scores, candidates, folds) instead of being rebuilt.
         """
-        for known, known_regularized, op in self.operators:
+        for known, known_regularized, cached in self.operators:
             if known is problem and known_regularized == regularized:
-                return op
+                return cached
         built = self.matrix_free(problem, regularized)
         exact = self.solver == "exact" or (self.solver == "auto" and problem.d <= AUTO_EXACT_MAX_D)
         op: CurvatureOperator | DenseOperator = DenseOperator(built.dense()) if exact else built
@@ -357,7 +359,7 @@ def _scores(problem: Problem, s: Tensor, progress: Progress | None = None) -> Te
     return torch.cat(out) / problem.n
 
 
-def _finish(values: dict[str, Any], arrays: dict[str, Tensor | np.ndarray], timer: PhaseTimer,
+def _finish(values: dict[str, Any], arrays: Mapping[str, Tensor | np.ndarray], timer: PhaseTimer,
             problem: Problem, parameters: dict[str, Tensor] | None = None) -> TaskResult:
     numpy_arrays = {k: (v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v))
                     for k, v in arrays.items()}
@@ -630,7 +632,7 @@ def fairness(
                 sums.append(running)
                 previous = c
             thetas = (curvature.removal_step(problem, torch.stack(sums, dim=1), "candidates")
-                      if counts else None)
+                      if counts else torch.empty(problem.d, 0))
             best_metric, chosen, theta = metric_before, 0, problem.theta()
             for j, c in enumerate(counts):
                 value, utility = plug_in(thetas[:, j])
