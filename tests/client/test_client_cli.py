@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from client_fixtures import Registered
+from client_fixtures import LogReg, Registered
 
-from client.cli import EXIT_API, EXIT_JOB_FAILED, EXIT_OK, main, parse_params
+from client import JobCancelled
+from client.cli import (
+    EXIT_API,
+    EXIT_JOB_CANCELLED,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    main,
+    parse_params,
+)
 from client.stack import LocalStack
 
 
@@ -77,3 +86,22 @@ def test_refused_request_exits_with_the_problem(stack: LocalStack, registered: R
                         "--dataset", registered.train.id, "--param", "remove=[99999]")
     assert code == EXIT_API
     assert "422" in err and "params.remove" in err
+
+
+def test_cancelled_job_exits_non_zero(tmp_path: Path, logreg: LogReg,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # No workers: the job stays queued, so the cancel always wins the race.
+    with LocalStack(tmp_path / "idle", tenant="idle", workers=0) as idle:
+        with idle.client() as c:
+            model = c.register_model(logreg.module, family="bernoulli",
+                                     regularizer={"kind": "l2", "strength": logreg.lam})
+            data = c.register_dataset(logreg.X, logreg.y)
+            job = c.submit("cv", model=model, dataset=data, folds=2)
+            assert job.status == "queued"
+
+            code, out, _ = _run(idle, capsys, "jobs", "cancel", job.id)
+            assert code == EXIT_OK and "cancelled" in out
+            with pytest.raises(JobCancelled):
+                job.refresh().wait(timeout=10)
+        code, out, err = _run(idle, capsys, "jobs", "wait", job.id, "--no-progress")
+        assert code == EXIT_JOB_CANCELLED and "cancelled" in err
