@@ -47,7 +47,7 @@ def test_lists_as_json(stack: LocalStack, registered: Registered,
 
 
 def test_submit_wait_result(stack: LocalStack, registered: Registered,
-                            capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
+                            capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, _ = _run(stack, capsys, "submit", "cv", "--model", registered.model.id,
                         "--dataset", registered.train.id, "--param", "folds=2",
                         "--output", "json")
@@ -57,10 +57,21 @@ def test_submit_wait_result(stack: LocalStack, registered: Registered,
 
     code, out, err = _run(stack, capsys, "jobs", "wait", job["id"])
     assert code == EXIT_OK and "succeeded" in out
-    code, out, _ = _run(stack, capsys, "jobs", "result", job["id"], "--output", "json")
+    code, out, _ = _run(stack, capsys, "jobs", "result", job["id"], "--output", "json",
+                        "--save", str(tmp_path / "res"))
     result = json.loads(out)
     assert code == EXIT_OK and len(result["per_fold"]) == 2
     assert np.isfinite(result["estimate"])
+
+    # Folds of 80 rows exceed the stack's AFIF_INLINE_MAX: --save downloads them as .npy.
+    saved = [np.load(tmp_path / "res" / f"per_fold.{j}.indices.npy") for j in range(2)]
+    assert sorted(np.concatenate(saved).tolist()) == list(range(len(saved[0]) * 2))
+    assert json.loads((tmp_path / "res" / "result.json").read_text()) == result
+
+    code, out, _ = _run(stack, capsys, "models", "download", registered.model.id, "-o",
+                        str(tmp_path / "w.safetensors"))
+    assert code == EXIT_OK
+    assert (tmp_path / "w.safetensors").stat().st_size == registered.model.size_bytes
 
 
 def test_failed_job_exits_non_zero_with_the_server_message(
