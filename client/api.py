@@ -196,10 +196,7 @@ class Client:
         query = {k: v for k, v in params.items() if v is not None}
         while True:
             page = self.request("GET", path, params=query)
-            if isinstance(page, list):
-                yield from page
-                return
-            yield from page.get("items", [])
+            yield from page["items"]
             cursor = page.get("next_cursor")
             if not cursor:
                 return
