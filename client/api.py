@@ -141,6 +141,9 @@ class Client:
                 self._pause_or_raise(attempt, None, f"{method} {path}: {exc}")
             except httpx.TransportError as exc:
                 # The request may have been processed; only replay what is idempotent.
+                # Limitation: uploads (POST /v1/models, /v1/datasets) carry no
+                # Idempotency-Key in the v1 contract, so a lost answer to one is raised
+                # rather than replayed, which could register a duplicate.
                 if not replay_safe:
                     raise errors.ServiceUnavailable(503, "connection lost", str(exc)) from exc
                 self._pause_or_raise(attempt, None, f"{method} {path}: {exc}")
