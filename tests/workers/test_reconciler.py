@@ -1,4 +1,4 @@
-"""The reconciler against a real SQLite database and a real (embedded) Redis."""
+"""The reconciler against a real database (SQLite and PostgreSQL) and a real (embedded) Redis."""
 
 from __future__ import annotations
 
