@@ -4,10 +4,14 @@ losses along s = C⁻¹∇T, against one plain forward + backward pass over the 
 Model: SeLU MLP D→W→2 (categorical), float32, random weights (the cost of a pass does
 not depend on the optimum), random standardized inputs shaped like Adult (D = 102).
 Timings are interleaved medians of the two passes in one run; the ratio is the number
-to read (target ≤ 2). Memory: peak resident-set growth of each pass (Linux VmHWM after
-a reset), measured in a fresh subprocess per variant, next to the n × d per-row
-gradient matrix that scoring avoids (its bytes computed; also measured by
-materializing it on a row subset).
+to read (target ≤ 2). Memory: peak resident-set growth of each pass over a baseline
+that already holds the data and the model (Linux VmHWM after a reset), measured in a
+fresh subprocess per variant, next to the n × d × 4 bytes of the per-row gradient
+matrix that scoring avoids (computed; also measured by materializing it on a row
+subset). The subprocess runs with glibc's mmap threshold lowered and trims the heap
+before the measured pass, so memory freed by the warm-up pass goes back to the system
+and the measured pass's own allocations show up in the RSS instead of silently reusing
+freed heap (which read as 0 bytes before).
 Writes bench/results/bench_scoring.json.
 
     python bench/bench_scoring.py [--quick] [--rows 30000] [--width 256]
@@ -16,7 +20,9 @@ Writes bench/results/bench_scoring.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +48,9 @@ from engine.tasks import _scores  # noqa: E402
 
 INPUTS = 102
 BATCH = 1024
+# glibc settings for the memory subprocesses: allocations above 64 KiB are mmapped and
+# freed memory is returned at once, so RSS follows live memory.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def make_problem(rows: int, width: int, device: str, seed: int = 0) -> Problem:
@@ -67,25 +76,27 @@ def _status_kib(field: str) -> int:
 def run_variant(variant: str, rows: int, width: int, device: str, threads: int) -> int:
     """Peak RSS growth (bytes) of one pass, in this process (called in a subprocess).
 
-    Linux: the high-water mark is reset through /proc/self/clear_refs just before the
-    pass, so the number is the pass's own peak above the resident set it started from.
+    Linux: the baseline holds the data, the model and the direction; one warm-up pass
+    loads kernels and one-off buffers; the heap is trimmed and the high-water mark reset
+    through /proc/self/clear_refs just before the measured pass, so the number is the
+    pass's own peak above the resident set it started from.
     """
     setup_torch(threads)
     problem = make_problem(rows, width, device)
     direction = torch.randn(problem.d, dtype=problem.dtype, device=problem.device)
-    # Warm up both code paths so one-off allocations are not counted.
-    small = make_problem(64, width, device)
-    mean_gradient(small)
-    _scores(small, torch.randn(small.d))
+    passes = {"forward_backward": lambda: mean_gradient(problem),
+              "scoring": lambda: _scores(problem, direction),
+              "per_sample": lambda: per_sample_gradients(problem)}
+    run = passes[variant]
+    run()
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
-    if variant == "forward_backward":
-        mean_gradient(problem)
-    elif variant == "scoring":
-        _scores(problem, direction)
-    else:
-        per_sample_gradients(problem)
-    return (_status_kib("VmHWM") - before) * 1024
+    result = run()
+    peak = (_status_kib("VmHWM") - before) * 1024
+    del result
+    return peak
 
 
 def measure_memory(variant: str, rows: int, width: int, device: str, threads: int) -> int:
@@ -93,7 +104,7 @@ def measure_memory(variant: str, rows: int, width: int, device: str, threads: in
             f"from bench.bench_scoring import run_variant; "
             f"print(run_variant({variant!r}, {rows}, {width}, {device!r}, {threads}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+                         check=True, env={**os.environ, **MALLOC_ENV})
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -129,7 +140,12 @@ def main() -> None:
         "gradient_matrix_subset_peak_bytes": measure_memory("per_sample", subset,
                                                             args.width, device, args.threads),
         "gradient_matrix_subset_bytes": subset * problem.d * problem.X.element_size(),
+        "method": "peak RSS growth over a loaded baseline, fresh subprocess per pass, "
+                  "glibc mmap threshold 64 KiB, heap trimmed before the pass",
     }
+    memory["scoring_over_gradient_matrix"] = memory["scoring_peak_bytes"] / matrix_bytes
+    if memory["scoring_peak_bytes"] <= 0:
+        raise RuntimeError("scoring peak memory read as 0: the RSS measurement failed")
 
     mib = 2.0**20
     print_table(f"Scoring all {problem.n} rows vs one forward+backward pass "
@@ -144,6 +160,7 @@ def main() -> None:
     print(f"n x d gradient matrix: {matrix_bytes / mib:.1f} MiB (computed); "
           f"on {subset} rows measured {memory['gradient_matrix_subset_peak_bytes'] / mib:.1f} "
           f"MiB for {memory['gradient_matrix_subset_bytes'] / mib:.1f} MiB of gradients")
+    print(f"scoring peak / n x d x 4 bytes = {memory['scoring_over_gradient_matrix']:.2e}")
 
     payload: dict[str, Any] = {
         "environment": environment(device),
