@@ -215,6 +215,27 @@ class _Curvature:
         self.prox_reports.extend(reports)
         return result
 
+    def convergence(self) -> dict[str, Any]:
+        """Top-level health of every solve (and proximal step) this task made.
+
+        converged: all of them converged; max_relative_residual: the largest
+        ‖Cx − v‖/‖v‖ over the solves (None when a residual was not finite or no solve
+        ran). A task whose solves did not all converge still returns, with a warning.
+        """
+        residuals = [r.get("relative_residual") for r in self.reports]
+        finite = [float(r) for r in residuals if r is not None and math.isfinite(r)]
+        solves_ok = all(bool(r.get("converged")) for r in self.reports)
+        prox_ok = all(bool(r.get("converged")) for r in self.prox_reports)
+        worst = max(finite) if finite and len(finite) == len(residuals) else None
+        if not (solves_ok and prox_ok):
+            logger.warning("%s/%s: %d of %d solves and %d of %d proximal steps did not "
+                           "converge (max relative residual %s); the result is approximate",
+                           self.method, self.solver,
+                           sum(not r.get("converged") for r in self.reports), len(self.reports),
+                           sum(not r.get("converged") for r in self.prox_reports),
+                           len(self.prox_reports), worst)
+        return {"converged": solves_ok and prox_ok, "max_relative_residual": worst}
+
     def summary(self) -> dict[str, Any]:
         """JSON-able description of the curvature and every solve made."""
         return {"method": self.method, "solver": self.solver, "damping": self.damping,
@@ -360,7 +381,9 @@ def _scores(problem: Problem, s: Tensor, progress: Progress | None = None) -> Te
 
 
 def _finish(values: dict[str, Any], arrays: Mapping[str, Tensor | np.ndarray], timer: PhaseTimer,
-            problem: Problem, parameters: dict[str, Tensor] | None = None) -> TaskResult:
+            problem: Problem, curvature: _Curvature,
+            parameters: dict[str, Tensor] | None = None) -> TaskResult:
+    values = {**curvature.convergence(), **values}
     numpy_arrays = {k: (v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v))
                     for k, v in arrays.items()}
     return TaskResult(values=values, arrays=numpy_arrays, parameters=parameters,
@@ -440,7 +463,7 @@ def unlearn(
         "curvature": curvature.summary(),
     }
     arrays = {"removed": rows}
-    return _finish(values, arrays, timer, problem, problem.state_dict(theta))
+    return _finish(values, arrays, timer, problem, curvature, problem.state_dict(theta))
 
 
 # ---------------------------------------------------------------------------------
@@ -510,7 +533,7 @@ def attribute(
         "helpful": helpful.T, "helpful_scores": helpful_scores.T,
         "harmful": harmful.T, "harmful_scores": harmful_scores.T,
     }
-    return _finish(values, arrays, timer, problem)
+    return _finish(values, arrays, timer, problem, curvature)
 
 
 # ---------------------------------------------------------------------------------
@@ -606,7 +629,7 @@ def fairness(
     arrays: dict[str, Tensor | np.ndarray] = {"scores": scores}
     if not unlearn:
         values["curvature"] = curvature.summary()
-        return _finish(values, arrays, timer, problem)
+        return _finish(values, arrays, timer, problem, curvature)
 
     order = torch.argsort(scores)
     candidates = order[: int((scores < 0).sum())]
@@ -667,7 +690,7 @@ def fairness(
         "curvature": curvature.summary(),
     })
     arrays["removed"] = removed
-    return _finish(values, arrays, timer, problem, problem.state_dict(theta))
+    return _finish(values, arrays, timer, problem, curvature, problem.state_dict(theta))
 
 
 # ---------------------------------------------------------------------------------
@@ -744,4 +767,4 @@ def cross_validate(
     }
     arrays = {"fold_losses": np.asarray(fold_losses), "folds": np.concatenate(parts),
               "fold_starts": np.cumsum([0] + [len(p) for p in parts])[:-1]}
-    return _finish(values, arrays, timer, problem)
+    return _finish(values, arrays, timer, problem, curvature)

@@ -260,3 +260,26 @@ def test_hessian_with_non_smooth_penalty_is_refused(cancer_l1):
     problem = linear_problem(X, y, theta_hat, "bernoulli", "l1", LAM)
     with pytest.raises(SpecError, match="fisher"):
         unlearn(problem, [1], method="hessian")
+
+
+def test_convergence_is_reported_at_the_top_level_and_warned(cancer, caplog):
+    X, y, theta_hat = cancer
+    problem = linear_problem(X, y, theta_hat, "bernoulli", "l2", LAM)
+    remove = [1, 2, 3]
+
+    good = unlearn(problem, remove, solver="cg", solver_options={"tol": 1e-10})
+    with caplog.at_level("WARNING", logger="engine.tasks"):
+        short = unlearn(problem, remove, solver="cg", solver_options={"max_iter": 2})
+
+    # The residual is checked against numpy: C from the dense oracle, x = θ̃ − θ̂.
+    _, _, hess = oracles.logistic_objective(X, y, theta_hat, LAM, penalize_bias=False)
+    _, grads, _ = oracles.logistic_per_sample(X, y, theta_hat)
+    rhs = grads[remove].sum(axis=0) / len(y)
+    step = linear_theta(short.parameters) - theta_hat
+    residual = np.linalg.norm(hess @ step - rhs) / np.linalg.norm(rhs)
+    assert good.values["converged"] is True
+    assert good.values["max_relative_residual"] <= 1e-9
+    assert short.values["converged"] is False
+    assert short.values["max_relative_residual"] == pytest.approx(residual, rel=1e-6)
+    assert residual > 1e-3
+    assert any("did not converge" in r.getMessage() for r in caplog.records)
