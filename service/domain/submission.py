@@ -250,6 +250,7 @@ def _validate_against_data(
     store: Store,
 ) -> None:
     _check_fit(model, dataset, store, "dataset_id", need_sensitive=kind == "fairness")
+    _check_method(params, model)
 
     if isinstance(params, schemas.UnlearningParams):
         _check_indices(params.remove, dataset.n_rows, "params.remove")
@@ -262,17 +263,82 @@ def _validate_against_data(
         _check_fit(model, test, store, "params.test_dataset_id")
         _check_indices(params.test_indices, test.n_rows, "params.test_indices")
     elif isinstance(params, schemas.CvParams):
-        if params.folds > dataset.n_rows:
-            raise InvalidInput(
-                f"params.folds: {params.folds} folds need at least as many rows; the dataset "
-                f"has {dataset.n_rows}",
-                field="params.folds",
-            )
-        if params.k is not None and params.k >= dataset.n_rows:
-            raise InvalidInput(
-                f"params.k: must be smaller than the dataset's {dataset.n_rows} rows",
-                field="params.k",
-            )
+        _check_folds(params, dataset.n_rows)
+    elif isinstance(params, schemas.FairnessParams) and params.metric == "demographic_parity":
+        _check_parity(model, dataset, store)
+
+
+# The engine's penalties that are twice differentiable (any penalty at strength 0 is too).
+SMOOTH_REGULARIZERS = ("none", "l2")
+
+
+def _check_method(params: schemas.JobParams, model: Model) -> None:
+    """method=hessian needs a smooth penalty: the proximal step wants a PSD metric."""
+    kind = str(model.regularizer.get("kind", "none"))
+    strength = float(model.regularizer.get("strength", 0.0))
+    if params.method == "hessian" and kind not in SMOOTH_REGULARIZERS and strength != 0.0:
+        raise InvalidInput(
+            f"params.method: 'hessian' needs a smooth regularizer, but model {model.id} uses "
+            f"{kind!r}; use method 'fisher' (proximal Fisher step)",
+            field="params.method",
+        )
+
+
+def _check_folds(params: schemas.CvParams, n_rows: int) -> None:
+    """Folds the engine can draw: disjoint, at least two unless `k` fixes their size."""
+    if params.k is not None and params.k >= n_rows:
+        raise InvalidInput(
+            f"params.k: must be smaller than the dataset's {n_rows} rows", field="params.k"
+        )
+    if params.folds is None:
+        return
+    if params.k is None and params.folds < 2:
+        raise InvalidInput(
+            f"params.folds: cross-validation needs at least 2 folds, got {params.folds}",
+            field="params.folds",
+        )
+    if params.folds > n_rows:
+        raise InvalidInput(
+            f"params.folds: {params.folds} folds need at least as many rows; the dataset "
+            f"has {n_rows}",
+            field="params.folds",
+        )
+    if params.k is not None and params.k * params.folds > n_rows:
+        raise InvalidInput(
+            f"params.folds: {params.folds} disjoint folds of k={params.k} rows need "
+            f"{params.k * params.folds} rows; the dataset has {n_rows}",
+            field="params.folds",
+        )
+
+
+def _check_parity(model: Model, dataset: Dataset, store: Store) -> None:
+    """Demographic parity compares positive rates: a binary classifier, two groups."""
+    import numpy as np
+
+    from engine.errors import SpecError
+    from engine.spec import output_dim
+    from service.domain.datasets import load_dataset_arrays
+
+    try:
+        outputs = output_dim(model.architecture)
+    except SpecError:
+        outputs = None
+    binary = model.family == "bernoulli" or (model.family == "categorical" and outputs == 2)
+    if not binary:
+        raise InvalidInput(
+            f"params.metric: demographic_parity needs a binary classifier (bernoulli, or "
+            f"categorical with 2 outputs); model {model.id} is {model.family} with "
+            f"{outputs} outputs; use metric 'chi2'",
+            field="params.metric",
+        )
+    sensitive = load_dataset_arrays(dataset, store, names=("sensitive",))["sensitive"]
+    values = np.unique(sensitive)
+    if values.size != 2:
+        raise InvalidInput(
+            f"dataset_id: demographic_parity needs a sensitive column with exactly two "
+            f"values; dataset {dataset.id} has {values.size}; use metric 'chi2'",
+            field="dataset_id",
+        )
 
 
 def _enqueue_after_commit(session: Session, job: Job, enqueue: Enqueue | None) -> None:

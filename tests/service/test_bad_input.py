@@ -211,9 +211,65 @@ CASES["architecture larger than its weights"] = (
 CASES["oversized chunked upload"] = (_chunked_oversized_upload, 413, "file",
                                      "AFIF_MAX_UPLOAD_BYTES")
 
+
+def _on_model(api, ctx, **spec_changes: Any):
+    """ctx with a (legitimate) model of another family or regularizer."""
+    spec = _spec(**spec_changes)
+    out = spec["architecture"]["layers"][0]["out_features"]
+    ctx["model_id"] = api.model_id(spec=spec, weights=logreg_weights(out=out, seed=1))
+    return ctx
+
+
+SENSITIVE = np.arange(len(X)) % 2
+
+
+# Jobs that would fail in the worker are refused at submission instead.
+CASES.update({
+    "hessian with an l1 penalty": (
+        lambda api, ctx: _job(api, _on_model(api, ctx, regularizer={"kind": "l1",
+                                                                    "strength": 0.01}),
+                              remove=[0], method="hessian"),
+        422, "params.method", "smooth"),
+    "hessian with group lasso": (
+        lambda api, ctx: _job(api, _on_model(api, ctx, regularizer={"kind": "group_lasso",
+                                                                    "strength": 0.01}),
+                              kind="cv", folds=2, method="hessian"),
+        422, "params.method", "group_lasso"),
+    "hessian with elastic net": (
+        lambda api, ctx: _job(api, _on_model(api, ctx, regularizer={"kind": "elastic_net",
+                                                                    "strength": 0.01}),
+                              kind="cv", folds=2, method="hessian"),
+        422, "params.method", "elastic_net"),
+    "cv with one fold": (lambda api, ctx: _job(api, ctx, kind="cv", folds=1), 422,
+                         "params.folds", "at least 2"),
+    "cv folds of k rows beyond the data": (
+        lambda api, ctx: _job(api, ctx, kind="cv", k=10, folds=5), 422, "params.folds",
+        "50 rows"),
+    "parity for a regression model": (
+        lambda api, ctx: _job(api, _job_on(api, _on_model(api, ctx, family="gaussian"), X,
+                                           Y.astype(np.float32), sensitive=SENSITIVE),
+                              kind="fairness", metric="demographic_parity"),
+        422, "params.metric", "binary classifier"),
+    "parity for a 3-class model": (
+        lambda api, ctx: _job(api, _job_on(api, _on_model(
+            api, ctx, family="categorical",
+            architecture={"layers": [{"type": "linear", "in_features": 30, "out_features": 3}]}),
+            X, Y, sensitive=SENSITIVE), kind="fairness"),
+        422, "params.metric", "2 outputs"),
+    "parity with a three-valued sensitive column": (
+        lambda api, ctx: _job(api, _job_on(api, ctx, X, Y, sensitive=np.arange(len(X)) % 3),
+                              kind="fairness", metric="demographic_parity"),
+        422, "dataset_id", "exactly two values"),
+})
+
 # Uploading the helper dataset for label/width cases adds one legitimate dataset row+file.
 ADDS_A_DATASET = {"labels that do not fit bernoulli", "real labels for bernoulli",
-                  "input width mismatch"}
+                  "input width mismatch", "parity for a regression model",
+                  "parity for a 3-class model", "parity with a three-valued sensitive column"}
+# Likewise one legitimate model row+file.
+ADDS_A_MODEL = {"hessian with an l1 penalty", "hessian with group lasso",
+                "hessian with elastic net", "parity for a regression model",
+                "parity for a 3-class model"}
 
 
 def _counts(api) -> dict[str, int]:
@@ -250,6 +306,9 @@ def test_bad_input_is_refused_cleanly(api, ctx, case):
     after = _counts(api)
     if case in ADDS_A_DATASET:
         before["Dataset"] += 1
+        before["files"] += 1
+    if case in ADDS_A_MODEL:
+        before["Model"] += 1
         before["files"] += 1
     assert after == before
     assert api.enqueued.calls == []
