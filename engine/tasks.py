@@ -1,4 +1,5 @@
-"""The engine's tasks: unlearning, attribution, fairness influence and approximate CV.
+"""The engine's tasks: influence on any objective, unlearning, attribution, fairness
+influence and approximate CV.
 
 Every task takes a trained `Problem` (θ̂ = its in-scope parameters, a minimizer of
 L(θ; 1) = (1/n) Σ ℓ_i + λπ), a curvature `method` ("fisher": C = F + λ∇²π + δ, AFIF;
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from engine.objectives import (
     accuracy,
     is_classifier,
     make_fairness_objective,
+    mean_loss,
     mean_squared_error,
 )
 from engine.operators import (
@@ -380,6 +382,24 @@ def _scores(problem: Problem, s: Tensor, progress: Progress | None = None) -> Te
     return torch.cat(out) / problem.n
 
 
+def _influence_of(problem: Problem, curvature: _Curvature, grads: Tensor, timer: PhaseTimer,
+                  report: Progress) -> tuple[Tensor, Tensor]:
+    """The linearized removal effect on objectives with gradients ∇T (d,) or (d, m):
+    one (batched) solve s = C⁻¹∇T, then one forward-mode scoring pass. Returns s and
+    the removal scores (1/n) sᵀ g_i, (n,) or (n, m)."""
+    # Limitation: for non-smooth penalties the scores use the smooth part of the
+    # curvature only (the active set of θ̂ is treated as free), unlike unlearning and
+    # cross-validation, which take the proximal step.
+    with timer.phase("solve"):
+        direction = curvature.solve(curvature.operator(problem), grads, "solve")
+
+    with timer.phase("scoring"):
+        report("scoring", 0, 1)
+        scores = _scores(problem, direction, report)
+        report("scoring", 1, 1)
+    return direction, scores
+
+
 def _finish(values: dict[str, Any], arrays: Mapping[str, Tensor | np.ndarray], timer: PhaseTimer,
             problem: Problem, curvature: _Curvature,
             parameters: dict[str, Tensor] | None = None) -> TaskResult:
@@ -467,6 +487,119 @@ def unlearn(
 
 
 # ---------------------------------------------------------------------------------
+# Influence on any objective
+
+ObjectiveSpec = Objective | Callable[[dict[str, Tensor]], Tensor] | str | Mapping[str, Any]
+NAMED_OBJECTIVES = ("train_loss", "mean_loss", "demographic_parity", "chi2")
+
+
+def _named_objective(problem: Problem, spec: str | Mapping[str, Any]) -> Objective:
+    """An `Objective` from a name or {"name": ..., arguments}.
+
+    train_loss: mean training loss. mean_loss: {"X", "y"} mean loss on those rows.
+    demographic_parity / chi2: {"sensitive"} on the training rows, or on {"X"} rows.
+    """
+    args = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = args.pop("name", None)
+    if name not in NAMED_OBJECTIVES:
+        raise SpecError(f"objective name must be one of {', '.join(NAMED_OBJECTIVES)}, "
+                        f"got {name!r}")
+    allowed = {"train_loss": set(), "mean_loss": {"X", "y"},
+               "demographic_parity": {"sensitive", "X"}, "chi2": {"sensitive", "X"}}[name]
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise SpecError(f"objective {name} does not take {', '.join(unknown)}")
+    if name == "train_loss":
+        return mean_loss(problem.family, problem.X, problem.y, name="train_loss")
+    if name == "mean_loss":
+        if "X" not in args or "y" not in args:
+            raise SpecError("objective mean_loss needs X and y")
+        return mean_loss(problem.family, problem.as_inputs(args["X"]),
+                         problem.as_labels(args["y"]))
+    if "sensitive" not in args:
+        raise SpecError(f"objective {name} needs sensitive")
+    X = problem.X if args.get("X") is None else problem.as_inputs(args["X"])
+    try:
+        sensitive = torch.as_tensor(np.asarray(args["sensitive"], dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"sensitive must be numeric: {exc}") from exc
+    return make_fairness_objective(name, problem.family, X,
+                                   sensitive.reshape(-1).to(problem.device, problem.dtype))
+
+
+def _callable_gradient(problem: Problem,
+                       fn: Callable[[dict[str, Tensor]], Tensor]) -> tuple[float, Tensor]:
+    """T(θ̂) and ∇T(θ̂), (d,), for T given on the in-scope parameters (name -> tensor)."""
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in problem.params().items()}
+    with torch.enable_grad():
+        value = fn(leaves)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise SpecError("objective callable must return a scalar tensor")
+        if not value.requires_grad:
+            raise SpecError("objective callable does not depend on the in-scope parameters")
+        grads = torch.autograd.grad(value.reshape(()), list(leaves.values()), allow_unused=True)
+    flat = torch.cat([(g if g is not None else torch.zeros_like(leaves[n])).reshape(-1)
+                      for n, g in zip(leaves, grads, strict=True)])
+    return float(value.detach()), flat.to(problem.dtype)
+
+
+def influence(
+    problem: Problem,
+    objective: ObjectiveSpec,
+    method: str = "fisher",
+    solver: str = "auto",
+    solver_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> TaskResult:
+    """Influence of every training row on an objective T: one solve s = C⁻¹∇T(θ̂), then
+    all n scores from one forward-mode pass (no n × d gradient matrix).
+
+    objective: a callable T(params) -> scalar tensor, params the in-scope parameters
+    (name -> tensor, e.g. evaluated with `problem.forward(params, X)`); an `Objective`;
+    or a named one: "train_loss", {"name": "mean_loss", "X", "y"},
+    {"name": "demographic_parity" | "chi2", "sensitive", "X" (default: training rows)}.
+
+    arrays: scores (n,), scores[i] = (1/n) sᵀ g_i ≈ T(θ̃_{−i}) − T(θ̂) ("removal"
+    convention: positive = removing row i raises T), direction (d,) = s.
+    values: objective, objective_value T(θ̂), gradient_norm ‖∇T‖, curvature reports.
+    """
+    timer, report = PhaseTimer(), Progress(progress)
+    curvature = _Curvature.build(problem, method, solver, solver_options, report)
+
+    with timer.phase("gradient"):
+        report("gradient", 0, 1)
+        if isinstance(objective, Objective):
+            name, (value, grad) = objective.name, objective_gradient(problem, objective)
+        elif isinstance(objective, (str, Mapping)):
+            resolved = _named_objective(problem, objective)
+            name, (value, grad) = resolved.name, objective_gradient(problem, resolved)
+        elif callable(objective):
+            name = getattr(objective, "__name__", "callable")
+            value, grad = _callable_gradient(problem, objective)
+        else:
+            raise SpecError("objective must be a callable, an Objective, a name or "
+                            f"{{'name': ...}}, got {type(objective).__name__}")
+        if not (math.isfinite(value) and bool(torch.isfinite(grad).all())):
+            raise EngineError(f"objective {name} or its gradient is not finite at θ̂")
+        report("gradient", 1, 1)
+
+    direction, scores = _influence_of(problem, curvature, grad, timer, report)
+
+    values = {
+        "convention": "removal",
+        "objective": name,
+        "objective_value": value,
+        "gradient_norm": float(torch.linalg.norm(grad)),
+        "n_train": problem.n,
+        "predicted_change_max": float(scores.max()),
+        "predicted_change_min": float(scores.min()),
+        "curvature": curvature.summary(),
+    }
+    arrays = {"scores": scores, "direction": direction}
+    return _finish(values, arrays, timer, problem, curvature)
+
+
+# ---------------------------------------------------------------------------------
 # Attribution
 
 
@@ -504,14 +637,7 @@ def attribute(
         test_losses = problem.family.loss(_outputs(problem, X), y)
         report("gradient", 1, 1)
 
-    # Limitation: for non-smooth penalties these linearized scores use the curvature of
-    # the smooth part only (the active set of θ̂ is treated as free), unlike unlearning
-    # and cross-validation, which take the proximal step.
-    with timer.phase("solve"):
-        directions = curvature.solve(curvature.operator(problem), gradients, "solve")
-
-    with timer.phase("scoring"):
-        scores = _scores(problem, directions, report)
+    _, scores = _influence_of(problem, curvature, gradients, timer, report)
 
     mean_scores = scores.mean(dim=1)
     helpful_scores, helpful = torch.topk(scores, k, dim=0, largest=True)
@@ -607,16 +733,9 @@ def fairness(
         utility_before = _utility(problem, _outputs(problem, problem.X))
         report("gradient", 1, 1)
 
-    # Limitation: for non-smooth penalties the scores use the smooth part of the
-    # curvature only (the active set of θ̂ is treated as free); the plug-in values of
-    # policy "auto" do use the proximal step.
-    with timer.phase("solve"):
-        direction = curvature.solve(curvature.operator(problem), grad, "solve")
-
-    with timer.phase("scoring"):
-        report("scoring", 0, 1)
-        scores = _scores(problem, direction)
-        report("scoring", 1, 1)
+    # The plug-in values of policy "auto" below take the proximal step for non-smooth
+    # penalties; the scores themselves are linearized (see _influence_of).
+    _, scores = _influence_of(problem, curvature, grad, timer, report)
 
     values: dict[str, Any] = {
         "convention": "removal",
