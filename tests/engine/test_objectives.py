@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.integrate import trapezoid
+from scipy.stats import gaussian_kde, norm
 
 from engine.errors import SpecError
 from engine.families import get_family
@@ -42,6 +44,62 @@ def test_chi2_binary_sensitive_near_zero_when_independent_and_grows_with_shift()
 
     assert values[0] < 0.01
     assert all(a < b for a, b in zip(values, values[1:], strict=False))
+
+
+def _standardized(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / x.std(ddof=1)
+
+
+def _chi2_integral_continuous(u: np.ndarray, s: np.ndarray, points: int = 600) -> float:
+    """∫∫ p(u,s)² / (p(u) p(s)) − 1 for Gaussian product-kernel KDEs of the standardized
+    pair (bandwidth n^{-1/6}), by a numpy double sum on a fine grid and trapezoid
+    integration: the continuous quantity the engine's 64-point grid sum approximates."""
+    n = len(u)
+    u, s = _standardized(u), _standardized(s)
+    h = n ** (-1 / 6)
+    gu = np.linspace(u.min() - 6 * h, u.max() + 6 * h, points)
+    gs = np.linspace(s.min() - 6 * h, s.max() + 6 * h, points)
+    ku = norm.pdf((gu[None, :] - u[:, None]) / h) / h
+    ks = norm.pdf((gs[None, :] - s[:, None]) / h) / h
+    joint = ku.T @ ks / n
+    ratio = joint**2 / (ku.mean(axis=0)[:, None] * ks.mean(axis=0)[None, :])
+    return float(trapezoid(trapezoid(ratio, gs, axis=1), gu) - 1)
+
+
+def _chi2_integral_binary(u: np.ndarray, s: np.ndarray) -> float:
+    """Σ_k ∫ p(u, k)² / (p(u) P(k)) du − 1 with scipy's gaussian_kde per group (kernel
+    standard deviation n^{-1/5} on the standardized prediction)."""
+    n = len(u)
+    u = _standardized(u)
+    h = n ** (-1 / 5)
+    grid = np.linspace(u.min() - 6 * h, u.max() + 6 * h, 4001)
+    p_u = gaussian_kde(u, bw_method=h / u.std(ddof=1))(grid)
+    total = 0.0
+    for k in np.unique(s):
+        part = u[s == k]
+        weight = len(part) / n
+        joint = weight * gaussian_kde(part, bw_method=h / part.std(ddof=1))(grid)
+        total += trapezoid(joint**2 / (p_u * weight), grid)
+    return float(total - 1)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3, 0.9])
+def test_chi2_continuous_matches_an_independent_kde_integral(rho):
+    u, s = _gaussian_pair(800, rho, 5)
+    # A skewed prediction too, so the check is not specific to Gaussian margins.
+    for pred in (u, torch.exp(u)):
+        expected = _chi2_integral_continuous(pred.numpy(), s.numpy())
+        assert float(chi2_kde(pred, s)) == pytest.approx(expected, rel=3e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5, 2.0])
+def test_chi2_binary_matches_scipy_gaussian_kde(shift):
+    rng = np.random.default_rng(7)
+    s = (rng.random(1500) < 0.4).astype(float)
+    u = rng.normal(size=1500) + shift * s
+    expected = _chi2_integral_binary(u, s)
+    assert float(chi2_kde(torch.tensor(u), torch.tensor(s))) == pytest.approx(
+        expected, rel=3e-3, abs=1e-4)
 
 
 def test_chi2_is_differentiable_and_zero_for_constant_prediction():
