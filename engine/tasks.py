@@ -2,10 +2,14 @@
 influence and approximate CV.
 
 Every task takes a trained `Problem` (θ̂ = its in-scope parameters, a minimizer of
-L(θ; 1) = (1/n) Σ ℓ_i + λπ), a curvature `method` ("fisher": C = F + λ∇²π + δ, AFIF;
-"hessian": C = H + δ, the infinitesimal jackknife), a `solver` with `solver_options`
+L(θ; 1) = (1/n) Σ ℓ_i + λπ), a curvature `method` and a `solver` with `solver_options`
 (`damping` δ and the operator `variant` are taken out of them, the rest go to
-`engine.solvers.solve`) and an optional progress(phase, done, total) callback.
+`engine.solvers.solve`) and an optional progress(phase, done, total) callback. Both
+methods add the penalty's curvature λ∇²π (its smooth part: the l2 term of an elastic
+net, nothing for l1 or group lasso) and δI to the curvature of the mean data loss:
+"fisher" (AFIF): C = F + λ∇²π + δI, F the Fisher / Gauss-Newton matrix of the data
+term; "hessian" (the infinitesimal jackknife): C = H_data + λ∇²π + δI, H_data = F + R
+the exact Hessian of the mean data loss, so C is the Hessian of L(θ; 1) plus δI.
 
 Conventions (docs/engine-api.md): removing a set S sets w_i = 0 and keeps the 1/n, so
 θ̃ = θ̂ + (1/n) C⁻¹ Σ_{i∈S} g_i, and a score is the linearized change of an objective
