@@ -33,11 +33,25 @@ class _Strict(BaseModel):
 
 
 class RegularizerSpec(_Strict):
-    """Penalty λ·π(θ) added to the mean training loss; `exclude` lists unpenalized params."""
+    """Penalty λ·π(θ) added to the mean training loss; `exclude` lists unpenalized params.
+
+    Kinds: none, l2 (λ·½‖θ‖²), l1 (λ‖θ‖₁), elastic_net (λ(α‖θ‖₁ + (1−α)½‖θ‖²) with
+    α = `l1_ratio`), group_lasso (λ Σ_g ‖θ_g‖₂ over `groups`, one group per tensor by default).
+    """
 
     kind: str = Field(min_length=1, max_length=32, examples=["l2"])
     strength: float = Field(ge=0, allow_inf_nan=False, examples=[0.001])
     exclude: list[str] = Field(default_factory=list)
+    l1_ratio: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="elastic_net only: α, the l1 share of the penalty (None: the engine's 0.5).",
+    )
+    groups: list[Annotated[list[str], Field(min_length=1)]] | None = Field(
+        None, min_length=1,
+        description="group_lasso only: groups of parameter names penalized by their joint "
+        "Euclidean norm (None: each parameter tensor is a group).",
+        examples=[[["0.weight"], ["2.weight", "2.bias"]]],
+    )
 
 
 class ModelCreate(_Strict):

@@ -31,6 +31,7 @@ from engine.problem import Problem
 from engine.regularizers import make_regularizer
 from service.db import session_scope
 from service.domain import jobs as domain
+from service.domain.models import regularizer_arguments
 from service.models import Dataset, Job, Model
 from service.schemas import PARAMS_BY_KIND
 from service.settings import get_settings
@@ -248,11 +249,7 @@ def load_inputs(job: Job, params: Any, beat: Beat) -> Inputs:
     train = load_npz(store.get(dataset.sha256, verify=True))
     beat.progress("load", 1, 2)
 
-    regularizer = make_regularizer(
-        model.regularizer.get("kind", "none"),
-        model.regularizer.get("strength", 0.0),
-        exclude=model.regularizer.get("exclude") or (),
-    )
+    regularizer = make_regularizer(**regularizer_arguments(model.regularizer))
     problem = Problem.from_spec(
         model.architecture,
         weights,

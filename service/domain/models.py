@@ -78,13 +78,7 @@ def validate_model(spec: schemas.ModelCreate, tensors: dict[str, Any]) -> int:
             raise _spec_error(exc, "spec.family") from None
 
     names = {name for name, _ in module.named_parameters()}
-    unknown = [n for n in spec.regularizer.exclude if n not in names]
-    if unknown:
-        raise InvalidInput(
-            f"spec.regularizer.exclude: {unknown[0]!r} is not a parameter of the model "
-            f"(parameters: {', '.join(sorted(names))})",
-            field="spec.regularizer.exclude",
-        )
+    _check_regularizer_names(spec.regularizer, names)
     if spec.scope is not None:
         unknown = [n for n in spec.scope if n not in names]
         if unknown or not spec.scope:
@@ -94,11 +88,67 @@ def validate_model(spec: schemas.ModelCreate, tensors: dict[str, Any]) -> int:
                 field="spec.scope",
             )
     try:
-        make_regularizer(spec.regularizer.kind, spec.regularizer.strength,
-                         exclude=spec.regularizer.exclude)
+        make_regularizer(**regularizer_arguments(spec.regularizer.model_dump()))
     except SpecError as exc:
         raise _spec_error(exc, "spec.regularizer") from None
     return int(parameter_count(module))
+
+
+def regularizer_arguments(regularizer: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of engine.regularizers.make_regularizer from a stored regularizer
+    dict (a RegularizerSpec dump); unset options keep the engine's defaults."""
+    arguments: dict[str, Any] = {
+        "kind": regularizer.get("kind", "none"),
+        "strength": regularizer.get("strength", 0.0),
+        "exclude": tuple(regularizer.get("exclude") or ()),
+    }
+    if regularizer.get("l1_ratio") is not None:
+        arguments["l1_ratio"] = float(regularizer["l1_ratio"])
+    if regularizer.get("groups") is not None:
+        arguments["groups"] = [list(group) for group in regularizer["groups"]]
+    return arguments
+
+
+def _check_regularizer_names(regularizer: schemas.RegularizerSpec, names: set[str]) -> None:
+    """`exclude` and `groups` must name parameters of the model; options must suit the kind."""
+    known = f"(parameters: {', '.join(sorted(names))})"
+    unknown = [n for n in regularizer.exclude if n not in names]
+    if unknown:
+        raise InvalidInput(
+            f"spec.regularizer.exclude: {', '.join(map(repr, unknown))} "
+            f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the "
+            f"model {known}",
+            field="spec.regularizer.exclude",
+        )
+    if regularizer.l1_ratio is not None and regularizer.kind != "elastic_net":
+        raise InvalidInput(
+            f"spec.regularizer.l1_ratio: applies to elastic_net only, not {regularizer.kind!r}",
+            field="spec.regularizer.l1_ratio",
+        )
+    if regularizer.groups is None:
+        return
+    if regularizer.kind != "group_lasso":
+        raise InvalidInput(
+            f"spec.regularizer.groups: applies to group_lasso only, not {regularizer.kind!r}",
+            field="spec.regularizer.groups",
+        )
+    listed = [n for group in regularizer.groups for n in group]
+    unknown = sorted({n for n in listed if n not in names})
+    if unknown:
+        raise InvalidInput(
+            f"spec.regularizer.groups: {', '.join(map(repr, unknown))} "
+            f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the "
+            f"model {known}",
+            field="spec.regularizer.groups",
+        )
+    repeated = sorted({n for n in listed if listed.count(n) > 1})
+    if repeated:
+        # A tensor in two groups would be penalized twice; almost surely a mistake.
+        raise InvalidInput(
+            f"spec.regularizer.groups: {', '.join(map(repr, repeated))} appear in more than "
+            "one group",
+            field="spec.regularizer.groups",
+        )
 
 
 def register_model(
@@ -115,7 +165,7 @@ def register_model(
         name=spec.name,
         family=spec.family,
         architecture=spec.architecture,
-        regularizer=spec.regularizer.model_dump(mode="json"),
+        regularizer=spec.regularizer.model_dump(mode="json", exclude_none=True),
         scope=spec.scope,
         n_parameters=n_parameters,
         sha256=blob.sha256,

@@ -70,3 +70,15 @@ def test_requests_without_a_valid_key_are_401(api):
     response = api.client.get("/v1/models", headers={"Authorization": "Bearer nope"})
     assert response.status_code == 401
     assert response.json()["title"] == "Unauthorized"
+
+
+def test_regularizer_options_are_kept_with_the_model(api):
+    elastic = {"kind": "elastic_net", "strength": 0.01, "l1_ratio": 0.25}
+    grouped = {"kind": "group_lasso", "strength": 0.01, "groups": [["0.weight", "0.bias"]]}
+    for seed, regularizer in enumerate((elastic, grouped)):
+        spec = {**logreg_spec(name=regularizer["kind"]), "regularizer": regularizer}
+        response = api.post_model(spec=spec, weights=logreg_weights(seed=seed))
+        assert response.status_code == 201, response.text
+
+        record = api.client.get(f"/v1/models/{response.json()['id']}", headers=api.h()).json()
+        assert record["regularizer"] == {**regularizer, "exclude": []}

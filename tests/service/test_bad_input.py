@@ -95,6 +95,31 @@ CASES: dict[str, Case] = {
     "unknown regularizer": (
         lambda api, ctx: api.post_model(spec=_spec(regularizer={"kind": "l7", "strength": 1})),
         422, "spec.regularizer", "l7"),
+    "regularizer groups naming missing parameters": (
+        lambda api, ctx: api.post_model(spec=_spec(regularizer={
+            "kind": "group_lasso", "strength": 1, "groups": [["0.weight", "1.weight"],
+                                                             ["2.bias"]]})),
+        422, "spec.regularizer.groups", "'1.weight', '2.bias' are not parameters"),
+    "a parameter in two groups": (
+        lambda api, ctx: api.post_model(spec=_spec(regularizer={
+            "kind": "group_lasso", "strength": 1, "groups": [["0.weight"], ["0.weight"]]})),
+        422, "spec.regularizer.groups", "more than one group"),
+    "groups for an l1 penalty": (
+        lambda api, ctx: api.post_model(spec=_spec(regularizer={
+            "kind": "l1", "strength": 1, "groups": [["0.weight"]]})),
+        422, "spec.regularizer.groups", "group_lasso only"),
+    "l1_ratio for an l2 penalty": (
+        lambda api, ctx: api.post_model(spec=_spec(regularizer={
+            "kind": "l2", "strength": 1, "l1_ratio": 0.5})),
+        422, "spec.regularizer.l1_ratio", "elastic_net only"),
+    "l1_ratio above one": (
+        lambda api, ctx: api.post_model(spec=_spec(regularizer={
+            "kind": "elastic_net", "strength": 1, "l1_ratio": 1.5})),
+        422, "spec.regularizer.l1_ratio", "less than or equal to 1"),
+    "exclude naming missing parameters": (
+        lambda api, ctx: api.post_model(spec=_spec(regularizer={
+            "kind": "l2", "strength": 1, "exclude": ["0.bias", "bias", "3.weight"]})),
+        422, "spec.regularizer.exclude", "'bias', '3.weight' are not parameters"),
     "scope names a missing parameter": (
         lambda api, ctx: api.post_model(spec=_spec(scope=["1.weight"])), 422, "spec.scope",
         "1.weight"),

@@ -34,7 +34,7 @@ def fitted() -> Fitted:
 
 
 def make_job(fitted: Fitted, kind: str, params: dict[str, Any], weights: bytes | None = None,
-             status: str = "queued") -> str:
+             status: str = "queued", regularizer: dict[str, Any] | None = None) -> str:
     """Store the blobs, write tenant/model/dataset/job rows; returns the job id."""
     store = get_store()
     weights = weights or safetensors_bytes(fitted.coef, fitted.intercept)
@@ -47,7 +47,8 @@ def make_job(fitted: Fitted, kind: str, params: dict[str, Any], weights: bytes |
         model = Model(
             tenant_id=tenant.id, name="logreg", family="bernoulli",
             architecture={"layers": [{"type": "linear", "in_features": 30, "out_features": 1}]},
-            regularizer={"kind": "l2", "strength": fitted.strength, "exclude": ["0.bias"]},
+            regularizer=regularizer or {"kind": "l2", "strength": fitted.strength,
+                                        "exclude": ["0.bias"]},
             scope=None, n_parameters=31, sha256=model_blob.sha256, size_bytes=model_blob.size,
         )
         dataset = Dataset(
@@ -91,6 +92,32 @@ def test_unlearning_job_succeeds_with_model_versions_and_timings(
     new = (tensors["0.weight"].astype(np.float64).ravel(), float(tensors["0.bias"][0]))
     expected = influence_step(fitted, remove)
     assert distance(new, expected) < 1e-4 * distance((fitted.coef, fitted.intercept), expected)
+
+
+@pytest.mark.parametrize(("regularizer", "attribute", "expected"), [
+    ({"kind": "elastic_net", "strength": 0.01, "l1_ratio": 0.25}, "l1_coefficient", 0.0025),
+    ({"kind": "elastic_net", "strength": 0.01}, "l1_coefficient", 0.005),  # engine default
+    ({"kind": "group_lasso", "strength": 0.01, "groups": [["0.weight", "0.bias"]]}, "groups",
+     (("0.weight", "0.bias"),)),
+    ({"kind": "group_lasso", "strength": 0.01, "exclude": ["0.bias"]}, "exclude", ("0.bias",)),
+])
+def test_regularizer_settings_reach_the_engine(
+    runtime: Path, fitted: Fitted, regularizer: dict[str, Any], attribute: str, expected: Any
+) -> None:
+    job_id = make_job(fitted, "cv", {"folds": 2}, regularizer=regularizer)
+    with session_scope() as session:
+        job = domain.claim_job(session, job_id, "test")
+    assert job is not None
+    params = tasks.PARAMS_BY_KIND["cv"].model_validate(job.params)
+
+    inputs = tasks.load_inputs(job, params, tasks.Beat(job_id, interval=60.0))
+
+    penalty = inputs.problem.regularizer
+    assert penalty.kind == regularizer["kind"]
+    if isinstance(expected, float):
+        assert getattr(penalty, attribute) == pytest.approx(expected, rel=1e-12)
+    else:
+        assert getattr(penalty, attribute) == expected
 
 
 def test_weights_that_do_not_fit_fail_as_invalid_input(runtime: Path, fitted: Fitted) -> None:
