@@ -71,8 +71,12 @@ def test_fairness_example(stack: LocalStack, tmp_path: Path) -> None:
     rows = {r["model"]: r for r in s["rows"]}
     assert set(rows) == {"ERM", "fisher-unlearned", "hessian-unlearned"}
     erm, fisher = rows["ERM"], rows["fisher-unlearned"]
-    assert fisher["status"] == "succeeded"
-    assert 0 <= fisher["train_metric"] <= erm["train_metric"]
+    for name in ("fisher-unlearned", "hessian-unlearned"):
+        row = rows[name]
+        assert row["status"] == "succeeded", row
+        # Each unlearned model is at least as fair on the training rows as ERM.
+        assert 0 <= row["train_metric"] <= erm["train_metric"]
+        assert 0 < row["utility"] < 1 and 0 <= row["removed"] <= 0.2 * s["n_train"]
     # Standardized target: a test MSE of a useful model sits well below 1.
     assert 0 < erm["utility"] < 1 and 0 < fisher["utility"] < 1
     assert fisher["removed"] <= 0.2 * s["n_train"]
@@ -85,8 +89,13 @@ def test_attribution_example(stack: LocalStack, tmp_path: Path) -> None:
     assert len(s["rows"]) == s["n_test_shown"] == 3
     assert s["test_accuracy"] > 0.8
     for r in s["rows"]:
-        assert -1 <= r["spearman"] <= 1 and 0 <= r["top_overlap"] <= 1
+        assert math.isfinite(r["spearman"]) and math.isfinite(r["max_gap_rel"])
         assert r["loss"] > 0
+    # The quick CNN is small and rough, so whole rankings may disagree, but the largest
+    # |scores| of the two curvatures should overlap well beyond chance (set size / n).
+    chance = 9 / s["n_train"]  # 9 = 3 * SHOW, the set size in examples/attribution.py
+    overlaps = [r["top_overlap"] for r in s["rows"]]
+    assert sum(overlaps) / len(overlaps) > 2 * chance
     losses = [r["loss"] for r in s["rows"]]
     assert losses == sorted(losses, reverse=True)  # highest-loss test images first
     # 1 test column + 4 x 3 training columns of 80-pixel cells, 3 rows.
