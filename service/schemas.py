@@ -162,12 +162,31 @@ class FairnessParams(JobParams):
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)
 
 
+# Most folds one cv job evaluates (one right-hand side and one result entry per fold).
+MAX_CV_FOLDS = 1000
+
+
 class CvParams(JobParams):
-    """Approximate cross-validation: `folds` held-out sets of `k` rows (k=None: n/folds)."""
+    """Approximate cross-validation over disjoint held-out folds of shuffled rows.
+
+    k=None: `folds` parts of about n/folds rows. k set: `folds` folds of exactly k rows.
+    folds=None: leave-k-out over the whole set, n // k folds of k rows (k defaults to 1,
+    leave-one-out); every row is held out once when k divides n. At most MAX_CV_FOLDS folds.
+    """
 
     k: int | None = Field(None, ge=1)
-    folds: int = Field(5, ge=1, le=1000)
+    folds: int | None = Field(
+        5, ge=1, le=MAX_CV_FOLDS,
+        description="Number of folds; null: n // k folds (leave-k-out over the whole set).",
+    )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _leave_k_out(self) -> CvParams:
+        # Stored params say what ran: folds=null with no k is leave-one-out.
+        if self.folds is None and self.k is None:
+            self.k = 1
+        return self
 
 
 PARAMS_BY_KIND: dict[str, type[JobParams]] = {

@@ -291,6 +291,14 @@ def _check_folds(params: schemas.CvParams, n_rows: int) -> None:
             f"params.k: must be smaller than the dataset's {n_rows} rows", field="params.k"
         )
     if params.folds is None:
+        k = params.k or 1
+        if n_rows // k > schemas.MAX_CV_FOLDS:
+            raise InvalidInput(
+                f"params.folds: null means n // k = {n_rows // k} folds here, more than the "
+                f"{schemas.MAX_CV_FOLDS} a job may evaluate; set k >= "
+                f"{-(-n_rows // schemas.MAX_CV_FOLDS)} or give folds",
+                field="params.folds",
+            )
         return
     if params.k is None and params.folds < 2:
         raise InvalidInput(

@@ -145,11 +145,14 @@ def test_jobs_are_invisible_to_other_tenants(api, ids):
         assert session.get(Job, job_id).status == "queued"
 
 
-@pytest.mark.parametrize("kind,params", [
-    ("cv", {"k": 3, "folds": 4}),
-    ("fairness", {"metric": "chi2", "unlearn": False}),
+@pytest.mark.parametrize("kind,params,stored", [
+    ("cv", {"k": 3, "folds": 4}, {"k": 3, "folds": 4}),
+    ("cv", {"folds": None}, {"k": 1, "folds": None}),  # leave-one-out
+    ("cv", {"k": 7, "folds": None}, {"k": 7, "folds": None}),
+    ("fairness", {"metric": "chi2", "unlearn": False}, {"metric": "chi2"}),
+    ("fairness", {"metric": "demographic_parity"}, {"metric": "demographic_parity"}),
 ])
-def test_other_kinds_are_accepted(api, kind, params):
+def test_other_kinds_are_accepted(api, kind, params, stored):
     X_ids = {"model_id": api.model_id()}
     from tests.service.helpers import breast_cancer, npz_file
 
@@ -157,6 +160,7 @@ def test_other_kinds_are_accepted(api, kind, params):
     dataset = api.post_dataset(npz_file(X=X, y=y, sensitive=(y + 1) % 2)).json()["id"]
     response = api.submit({"kind": kind, **X_ids, "dataset_id": dataset, "params": params})
     assert response.status_code == 202, response.text
+    assert stored.items() <= response.json()["params"].items()
 
 
 def test_attribution_checks_the_test_dataset(api, ids):

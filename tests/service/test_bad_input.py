@@ -240,8 +240,9 @@ CASES["oversized chunked upload"] = (_chunked_oversized_upload, 413, "file",
 def _on_model(api, ctx, **spec_changes: Any):
     """ctx with a (legitimate) model of another family or regularizer."""
     spec = _spec(**spec_changes)
-    out = spec["architecture"]["layers"][0]["out_features"]
-    ctx["model_id"] = api.model_id(spec=spec, weights=logreg_weights(out=out, seed=1))
+    layer = spec["architecture"]["layers"][0]
+    weights = logreg_weights(d=layer["in_features"], out=layer["out_features"], seed=1)
+    ctx["model_id"] = api.model_id(spec=spec, weights=weights)
     return ctx
 
 
@@ -270,6 +271,12 @@ CASES.update({
     "cv folds of k rows beyond the data": (
         lambda api, ctx: _job(api, ctx, kind="cv", k=10, folds=5), 422, "params.folds",
         "50 rows"),
+    "leave-one-out over more rows than the fold cap": (
+        # One feature keeps the 1040 rows under the upload limit.
+        lambda api, ctx: _job(api, _job_on(api, _on_model(api, ctx, architecture={"layers": [
+            {"type": "linear", "in_features": 1, "out_features": 1}]}),
+            np.tile(X[:, :1], (26, 1)), np.tile(Y, 26)), kind="cv", folds=None),
+        422, "params.folds", "set k >= 2"),
     "parity for a regression model": (
         lambda api, ctx: _job(api, _job_on(api, _on_model(api, ctx, family="gaussian"), X,
                                            Y.astype(np.float32), sensitive=SENSITIVE),
@@ -290,11 +297,12 @@ CASES.update({
 # Uploading the helper dataset for label/width cases adds one legitimate dataset row+file.
 ADDS_A_DATASET = {"labels that do not fit bernoulli", "real labels for bernoulli",
                   "input width mismatch", "parity for a regression model",
-                  "parity for a 3-class model", "parity with a three-valued sensitive column"}
+                  "parity for a 3-class model", "parity with a three-valued sensitive column",
+                  "leave-one-out over more rows than the fold cap"}
 # Likewise one legitimate model row+file.
 ADDS_A_MODEL = {"hessian with an l1 penalty", "hessian with group lasso",
                 "hessian with elastic net", "parity for a regression model",
-                "parity for a 3-class model"}
+                "parity for a 3-class model", "leave-one-out over more rows than the fold cap"}
 
 
 def _counts(api) -> dict[str, int]:

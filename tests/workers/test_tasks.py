@@ -120,6 +120,38 @@ def test_regularizer_settings_reach_the_engine(
         assert getattr(penalty, attribute) == expected
 
 
+def test_leave_k_out_cv_matches_dense_influence_steps(runtime: Path, fitted: Fitted) -> None:
+    # folds=None (HTTP null) with k=2: n/2 disjoint pairs cover every row once; each fold's
+    # plug-in loss is its mean loss at θ̂ + (1/n) C⁻¹ Σ_S g_i, here in numpy float64.
+    params = tasks.PARAMS_BY_KIND["cv"].model_validate({"k": 2, "folds": None,
+                                                        "solver": "exact"})
+    job_id = make_job(fitted, "cv", params.model_dump(mode="json"))
+
+    tasks.run_job(job_id)
+
+    job = row(job_id)
+    assert job.status == "succeeded", (job.error_code, job.error_message)
+    folds = job.result["per_fold"]
+    held = np.array([fold["indices"] for fold in folds])
+    assert held.shape == (fitted.n // 2, 2)
+    assert sorted(held.ravel().tolist()) == list(range(fitted.n))
+
+    n = fitted.n
+    X = np.hstack([fitted.X.astype(np.float64), np.ones((n, 1))])
+    theta = np.append(fitted.coef, fitted.intercept)
+    p = 1.0 / (1.0 + np.exp(-(X @ theta)))
+    penalty = np.diag(np.append(np.full(X.shape[1] - 1, fitted.strength), 0.0))
+    curvature = (X.T * (p * (1 - p))) @ X / n + penalty
+    gradients = (p - fitted.y)[:, None] * X
+    sums = gradients[held[:, 0]] + gradients[held[:, 1]]
+    thetas = theta + np.linalg.solve(curvature, sums.T).T / n  # row j: θ̃ without fold j
+    z = np.einsum("jfd,jd->jf", X[held], thetas)
+    expected = (np.logaddexp(0.0, z) - fitted.y[held] * z).mean(axis=1)
+    losses = np.array([fold["loss"] for fold in folds])
+    np.testing.assert_allclose(losses, expected, rtol=1e-4, atol=1e-6)
+    assert job.result["estimate"] == pytest.approx(expected.mean(), rel=1e-4)
+
+
 def test_weights_that_do_not_fit_fail_as_invalid_input(runtime: Path, fitted: Fitted) -> None:
     import torch
     from safetensors.torch import save
