@@ -256,7 +256,21 @@ ArrayField = list[Any] | ArrayRef
 
 
 class _Result(BaseModel):
+    """Every kind's result also says whether its linear solves converged."""
+
     model_config = ConfigDict(extra="allow")
+
+    converged: bool | None = Field(
+        None,
+        description="True when every linear solve (and proximal step) of the job converged; "
+        "False means the numbers are approximate (see the solver reports). "
+        "None only on results stored before this field existed.",
+    )
+    max_relative_residual: float | None = Field(
+        None,
+        description="Largest relative residual ‖Cx − v‖/‖v‖ over the job's solves; None when "
+        "no solve ran or a residual was not finite.",
+    )
 
 
 class UnlearningResult(_Result):
@@ -280,7 +294,9 @@ class FairnessResult(_Result):
     model_id: str | None = None
 
 
-class CvFold(_Result):
+class CvFold(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     indices: ArrayField
     loss: float | None = None
 

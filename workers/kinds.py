@@ -162,6 +162,41 @@ def per_fold(arrays: dict[str, np.ndarray], inline_max: int, job_id: str) -> lis
     return entries
 
 
+def with_convergence(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with top-level `converged` (bool) and `max_relative_residual` (float | None).
+
+    The engine's own flags win; otherwise they are derived from every solve report
+    (SolveReport / ProxReport dicts, found anywhere below the top level): converged when
+    all reports say so (True when no solve ran), and the largest relative residual ‖Cx − v‖/‖v‖
+    over the reports that have one (None when one is missing or not finite, or none ran).
+    """
+    out = dict(values)
+    if "converged" in out and "max_relative_residual" in out:
+        out["converged"] = bool(out["converged"])
+        return out
+
+    reports = [r for value in values.values() for r in _solve_reports(value)]
+    residuals = [r["relative_residual"] for r in reports if "relative_residual" in r]
+    finite = [float(r) for r in residuals
+              if isinstance(r, (int, float)) and np.isfinite(float(r))]
+    out.setdefault("converged", all(bool(r["converged"]) for r in reports))
+    out.setdefault(
+        "max_relative_residual",
+        max(finite) if finite and len(finite) == len(residuals) else None,
+    )
+    return out
+
+
+def _solve_reports(value: Any) -> list[dict[str, Any]]:
+    """Dicts that look like solve reports (a boolean `converged`) inside `value`."""
+    if isinstance(value, dict):
+        found = [value] if isinstance(value.get("converged"), bool) else []
+        return found + [r for inner in value.values() for r in _solve_reports(inner)]
+    if isinstance(value, (list, tuple)):
+        return [r for inner in value for r in _solve_reports(inner)]
+    return []
+
+
 RUNNERS: dict[str, Callable[[Any, Inputs, ProgressFn], KindOutcome]] = {
     "unlearning": run_unlearning,
     "attribution": run_attribution,

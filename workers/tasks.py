@@ -36,7 +36,7 @@ from service.models import Dataset, Job, Model
 from service.schemas import PARAMS_BY_KIND
 from service.settings import get_settings
 from service.storage import get_store
-from workers.kinds import RUNNERS, Inputs
+from workers.kinds import RUNNERS, Inputs, with_convergence
 from workers.logcontext import job_context
 from workers.runner import worker_name
 
@@ -91,7 +91,7 @@ def _execute(job: Job) -> None:
             domain.complete_job(
                 session,
                 job.id,
-                values=result.values,
+                values=with_convergence(result.values),
                 arrays=result.arrays,
                 timings={"load": load_seconds, **result.timings},
                 device=result.device,

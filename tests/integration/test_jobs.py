@@ -58,6 +58,8 @@ def test_unlearning_one_step_and_refined(
     assert one_result["n_removed"] == len(remove)
     solves = one_result["solver"]["solves"]
     assert solves and all(solve["converged"] for solve in solves)
+    assert one_result["converged"] is True
+    assert one_result["max_relative_residual"] == max(s["relative_residual"] for s in solves)
     assert one_result["parameter_change_norm"] == pytest.approx(
         distance(stepped, original), rel=1e-3
     )

@@ -92,6 +92,9 @@ def test_unlearning_job_succeeds_with_model_versions_and_timings(
     new = (tensors["0.weight"].astype(np.float64).ravel(), float(tensors["0.bias"][0]))
     expected = influence_step(fitted, remove)
     assert distance(new, expected) < 1e-4 * distance((fitted.coef, fitted.intercept), expected)
+    solves = job.result["solver"]["solves"]
+    assert job.result["converged"] is True
+    assert job.result["max_relative_residual"] == max(s["relative_residual"] for s in solves)
 
 
 @pytest.mark.parametrize(("regularizer", "attribute", "expected"), [
@@ -150,6 +153,38 @@ def test_leave_k_out_cv_matches_dense_influence_steps(runtime: Path, fitted: Fit
     losses = np.array([fold["loss"] for fold in folds])
     np.testing.assert_allclose(losses, expected, rtol=1e-4, atol=1e-6)
     assert job.result["estimate"] == pytest.approx(expected.mean(), rel=1e-4)
+
+
+@pytest.mark.parametrize(("values", "converged", "worst"), [
+    # Flags from the engine are kept.
+    ({"converged": False, "max_relative_residual": 0.5, "solver": {"solves": []}}, False, 0.5),
+    # Derived from solver reports wherever they sit.
+    ({"solver": {"solves": [{"converged": True, "relative_residual": 1e-9},
+                            {"converged": True, "relative_residual": 3e-8}]}}, True, 3e-8),
+    ({"curvature": {"solves": [{"converged": True, "relative_residual": 1e-9}],
+                    "prox": [{"converged": False, "relative_step": 0.1}]}}, False, 1e-9),
+    ({"solver": {"solves": [{"converged": False, "relative_residual": None}]}}, False, None),
+    ({"estimate": 0.3}, True, None),  # no solve ran
+])
+def test_results_carry_top_level_convergence(
+    runtime: Path, fitted: Fitted, monkeypatch: pytest.MonkeyPatch,
+    values: dict[str, Any], converged: bool, worst: float | None,
+) -> None:
+    from engine.results import TaskResult
+    from workers import kinds
+
+    def engine_said(*_: Any) -> Any:
+        return kinds.KindOutcome(TaskResult(values=dict(values), arrays={}, parameters=None,
+                                            timings={}, device="cpu"), removed=None)
+
+    monkeypatch.setitem(kinds.RUNNERS, "cv", engine_said)
+    job_id = make_job(fitted, "cv", {"folds": 2})
+
+    tasks.run_job(job_id)
+
+    result = row(job_id).result
+    assert result is not None
+    assert (result["converged"], result["max_relative_residual"]) == (converged, worst)
 
 
 def test_weights_that_do_not_fit_fail_as_invalid_input(runtime: Path, fitted: Fitted) -> None:
