@@ -146,14 +146,17 @@ def _exact(op: LinearOperator, rhs: Tensor) -> tuple[Tensor, SolveReport]:
         X = torch.cholesky_solve(B, L)
         report.details["method"] = "cholesky"
     else:
-        # Not positive definite: solve in the eigenbasis, treating eigenvalues within
-        # rounding of zero as a null space (minimum-norm solution).
-        evals, evecs = torch.linalg.eigh(A)
-        cutoff = evals.abs().max() * A.shape[0] * torch.finfo(A.dtype).eps
+        # Not positive definite: solve in the eigenbasis (float64, so a float32 matrix
+        # is solved as given), treating eigenvalues within the matrix's own rounding of
+        # zero as a null space (minimum-norm solution). The entries carry relative
+        # errors of eps(dtype), so eigenvalues move by about √d·eps·‖A‖; the rank
+        # cutoff d·eps·‖A‖ would drop penalty-sized eigenvalues of a float32 Hessian.
+        evals, evecs = torch.linalg.eigh(A.double())
+        cutoff = evals.abs().max() * math.sqrt(A.shape[0]) * torch.finfo(A.dtype).eps
         keep = evals.abs() > cutoff
         inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)),
                           torch.zeros_like(evals))
-        X = evecs @ (inv[:, None] * (evecs.T @ B))
+        X = (evecs @ (inv[:, None] * (evecs.T @ B.double()))).to(A.dtype)
         report.details.update(method="eigh", min_eigenvalue=float(evals[0]),
                               negative_eigenvalues=int((evals < -cutoff).sum()),
                               null_space_dim=int((~keep).sum()))

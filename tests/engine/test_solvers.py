@@ -180,3 +180,26 @@ def test_jacobi_preconditioned_cg() -> None:
     assert pcg.iterations < plain.iterations / 2
     with pytest.raises(SpecError, match="unknown preconditioner"):
         solve(op, B, "cg", preconditioner="ilu")
+
+
+def test_exact_indefinite_float32_keeps_small_regularized_eigenvalues() -> None:
+    # Eigenvalues from 1e-3 (a penalty-sized floor) to 1e2, one negative: a float32
+    # Hessian like the Adult MLP's. A rank cutoff of d·eps·max (2.4e-3 here) would treat
+    # the 1e-3 directions as a null space and drop them.
+    rng = np.random.default_rng(4)
+    d = 200
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    evals = np.r_[-2e-3, np.full(150, 1e-3), np.geomspace(1e-2, 1e2, d - 151)]
+    A = (q * evals) @ q.T
+    b = rng.normal(size=d)
+    expected = np.linalg.solve(A, b)
+
+    x, report = solve(DenseOperator(torch.tensor(A, dtype=torch.float32)),
+                      torch.tensor(b, dtype=torch.float32), solver="exact")
+
+    assert report.details["method"] == "eigh"
+    assert report.details["negative_eigenvalues"] == 1
+    assert report.details["null_space_dim"] == 0
+    assert report.relative_residual < 1e-2  # float32 products at condition 1e5
+    got = x.double().numpy()
+    assert np.linalg.norm(got - expected) <= 2e-2 * np.linalg.norm(expected)
