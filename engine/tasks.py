@@ -364,7 +364,12 @@ def _scores(problem: Problem, s: Tensor, progress: Progress | None = None) -> Te
     vmapped in groups of SCORE_COLUMNS; no n × d gradient matrix is formed.
     """
     if s.dim() == 1:
-        return loss_directional_derivatives(problem, s) / problem.n
+        if progress is not None:
+            progress("scoring", 0, 1)
+        scores = loss_directional_derivatives(problem, s) / problem.n
+        if progress is not None:
+            progress("scoring", 1, 1)
+        return scores
 
     params = problem.params()
     batches = list(problem.batches())
@@ -398,9 +403,7 @@ def _influence_of(problem: Problem, curvature: _Curvature, grads: Tensor, timer:
         direction = curvature.solve(curvature.operator(problem), grads, "solve")
 
     with timer.phase("scoring"):
-        report("scoring", 0, 1)
         scores = _scores(problem, direction, report)
-        report("scoring", 1, 1)
     return direction, scores
 
 

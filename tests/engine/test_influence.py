@@ -110,3 +110,17 @@ def test_bad_objectives_are_refused(cancer_split, objective, message):
     problem = linear_problem(X, y, theta, "bernoulli", "l2", LAM)
     with pytest.raises(SpecError, match=message):
         influence(problem, objective)
+
+
+def test_progress_reports_each_phase_to_completion(cancer_split):
+    X, y, _, _, theta = cancer_split
+    problem = linear_problem(X, y, theta, "bernoulli", "l2", LAM)
+    calls: list[tuple[str, int, int]] = []
+
+    influence(problem, "train_loss", solver="cg", progress=lambda *c: calls.append(c))
+
+    phases = [c[0] for c in calls]
+    assert phases[0] == "gradient" and {"gradient", "solve", "scoring"} <= set(phases)
+    for phase in ("gradient", "solve", "scoring"):
+        last = [c for c in calls if c[0] == phase][-1]
+        assert last[1] == last[2] > 0
