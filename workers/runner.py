@@ -15,6 +15,8 @@ import logging
 import os
 import secrets
 import socket
+import threading
+from typing import Any
 
 from rq import SimpleWorker
 
@@ -24,6 +26,24 @@ logger = logging.getLogger(__name__)
 
 
 _chosen_name: str | None = None
+
+# Set once a cold shutdown (second SIGTERM/SIGINT) was requested. RQ raises SystemExit from
+# its signal handler wherever the main thread happens to be; when that is inside a
+# finalizer (a weakref callback during garbage collection) Python prints and drops the
+# exception, and the job would run on. The running job's progress callback checks this
+# flag and stops at its next call instead.
+force_stop = threading.Event()
+
+
+class AfifWorker(SimpleWorker):
+    """RQ's SimpleWorker whose cold shutdown also raises `force_stop`."""
+
+    def request_force_stop(self, signum: int, frame: Any) -> None:
+        try:
+            super().request_force_stop(signum, frame)
+        except SystemExit:
+            force_stop.set()
+            raise
 
 
 @functools.cache
@@ -48,7 +68,7 @@ def run_worker(name: str | None = None, burst: bool = False) -> int:
     worker_name.cache_clear()
     connection = get_connection()
     queue = get_queue(connection)
-    worker = SimpleWorker([queue], connection=connection, name=worker_name())
+    worker = AfifWorker([queue], connection=connection, name=worker_name())
     logger.info("worker %s listening on queue %s", worker.name, queue.name)
 
     # Import torch and the engine before the first job, so its latency is the job's own.

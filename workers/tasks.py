@@ -20,6 +20,7 @@ import logging
 import platform
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from service.models import Dataset, Job, Model
 from service.schemas import PARAMS_BY_KIND
 from service.settings import get_settings
 from service.storage import get_store
+from workers import runner
 from workers.kinds import RUNNERS, Inputs, with_convergence
 from workers.logcontext import job_context
 from workers.runner import worker_name
@@ -158,10 +160,17 @@ class Beat:
     JobCancelled once a cancel was seen.
     """
 
-    def __init__(self, job_id: str, interval: float, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        interval: float,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.job_id = job_id
         self.interval = interval
         self.owner = owner
+        self._clock = clock  # seconds; injectable so tests need no wall-clock timing
         self.cancelled = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -187,13 +196,16 @@ class Beat:
         self.check_cancelled()
         with self._lock:
             self._pending = (phase, int(done), int(total))
-            due = time.monotonic() - self._last_write >= PROGRESS_WRITE_INTERVAL_SECONDS
+            due = self._clock() - self._last_write >= PROGRESS_WRITE_INTERVAL_SECONDS
         if due:
             self._write_progress()
         self.check_cancelled()
 
     def check_cancelled(self) -> None:
-        """Raise JobCancelled (a cancel was asked) or JobLost (the job was requeued)."""
+        """Raise JobCancelled (a cancel was asked), JobLost (the job was requeued) or
+        SystemExit (the worker is being stopped and its own SystemExit got lost)."""
+        if runner.force_stop.is_set():
+            raise SystemExit("worker cold shutdown")
         if self.lost.is_set():
             raise JobLost(self.job_id)
         if self.cancelled.is_set():
@@ -204,7 +216,7 @@ class Beat:
             pending, self._pending = self._pending, None
             if pending is None:
                 return
-            self._last_write = time.monotonic()
+            self._last_write = self._clock()
         with session_scope() as session:
             domain.set_progress(session, self.job_id, *pending)
             job = session.get(Job, self.job_id)

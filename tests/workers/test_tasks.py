@@ -4,6 +4,8 @@ error codes, the job id on every log line, and the bounded progress rate."""
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -266,14 +268,25 @@ def test_progress_is_written_at_a_bounded_rate(
         return real(session, job, phase, done, total)
 
     monkeypatch.setattr(domain, "set_progress", counting)
-    beat = tasks.Beat(job_id, interval=60.0)  # no heartbeat flush during the test
+    now = [1000.0]  # a clock the test moves by hand
+    beat = tasks.Beat(job_id, interval=60.0, clock=lambda: now[0])  # thread never started
+    interval = tasks.PROGRESS_WRITE_INTERVAL_SECONDS
+
     for done in range(500):
         beat.progress("solve", done, 500)
-
     assert writes == [("solve", 0, 500)], "one write per PROGRESS_WRITE_INTERVAL_SECONDS"
+
+    now[0] += 0.999 * interval
+    beat.progress("solve", 500, 1000)
+    assert len(writes) == 1
+    now[0] += 0.002 * interval
+    beat.progress("solve", 501, 1000)
+    assert writes[-1] == ("solve", 501, 1000) and len(writes) == 2
+
+    beat.progress("solve", 502, 1000)
     beat._write_progress()  # what the heartbeat thread does at its next beat
-    assert writes[-1] == ("solve", 499, 500)
-    assert row(job_id).progress == {"phase": "solve", "done": 499, "total": 500}
+    assert writes[-1] == ("solve", 502, 1000)
+    assert row(job_id).progress == {"phase": "solve", "done": 502, "total": 1000}
 
 
 def test_cancel_request_stops_a_running_job(runtime: Path, fitted: Fitted) -> None:
@@ -318,3 +331,45 @@ def test_stopped_worker_hands_its_job_back_to_the_queue(
     job = row(job_id)
     assert (job.status, job.attempts, job.enqueue_failed) == ("queued", 1, False)
     assert queue.get_queue().job_ids == [queue.rq_job_id(job_id)]
+
+
+def test_a_lost_cold_shutdown_still_stops_the_job_at_its_next_progress_call(
+    runtime: Path, fitted: Fitted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RQ's SystemExit can vanish inside a finalizer; the flag set by AfifWorker still stops
+    # the job, which then goes back to the queue like any interrupted job.
+    from service import queue
+    from workers import runner
+
+    monkeypatch.setattr(runner, "force_stop", threading.Event())
+    runner.force_stop.set()
+    job_id = make_job(fitted, "cv", {"folds": 2})
+
+    with pytest.raises(SystemExit):
+        tasks.run_job(job_id)
+
+    job = row(job_id)
+    assert (job.status, job.attempts) == ("queued", 1)
+    assert queue.get_queue().job_ids == [queue.rq_job_id(job_id)]
+
+
+def test_afif_worker_flags_a_cold_shutdown_but_not_an_ignored_second_signal(
+    runtime: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from service import queue
+    from workers import runner
+
+    monkeypatch.setattr(runner, "force_stop", threading.Event())
+    worker = runner.AfifWorker([queue.get_queue()], connection=queue.get_connection(),
+                               name="flag-test")
+
+    worker._shutdown_requested_date = datetime.now(UTC)  # a double Ctrl-C
+    worker.request_force_stop(signal.SIGTERM, None)
+    assert not runner.force_stop.is_set()
+
+    worker._shutdown_requested_date = datetime.now(UTC) - timedelta(seconds=5)
+    with pytest.raises(SystemExit):
+        worker.request_force_stop(signal.SIGTERM, None)
+    assert runner.force_stop.is_set()
