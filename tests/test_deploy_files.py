@@ -92,3 +92,27 @@ def test_compose_wires_the_stack_together() -> None:
             "condition": "service_completed_successfully"
         }
     assert services["worker"]["deploy"]["replicas"] >= 2
+
+
+def test_only_the_api_container_is_health_checked_on_its_port() -> None:
+    services = _compose()["services"]
+    for name, spec in services.items():
+        if not ("build" in spec or "afif" in spec.get("image", "")):
+            continue
+        check = spec.get("healthcheck", {})
+        if spec["command"][0] != "api":
+            # The image's HEALTHCHECK would probe :8000, where nothing listens.
+            assert check.get("disable") is True, f"{name}: healthcheck must be disabled"
+            continue
+        port = spec["command"][spec["command"].index("--port") + 1]
+        assert not check.get("disable"), name
+        assert f"127.0.0.1:{port}/healthz" in " ".join(check["test"]), name
+
+
+def test_image_pins_the_torch_the_tests_run() -> None:
+    import torch
+
+    text = (REPO / "Dockerfile").read_text()
+    pinned = re.findall(r"^ARG TORCH_VERSION=(\S+)$", text, flags=re.MULTILINE)
+    assert pinned == [torch.__version__.split("+")[0]], (pinned, torch.__version__)
+    assert 'pip install "torch==${TORCH_VERSION}"' in text
