@@ -231,7 +231,11 @@ class JobPublic(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     device: str | None = None
     error: JobError | None = None
-    attempts: int = 0
+    attempts: int = Field(0, description="How many times a worker has started this job.")
+    versions: dict[str, str] | None = Field(
+        None, description="Library versions (afif, torch, numpy, python, cuda) of the worker "
+        "that produced the result; None until a worker completes the job.",
+    )
     cancel_requested: bool = False
     result_url: str | None = None
     created_at: datetime

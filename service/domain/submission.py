@@ -72,6 +72,7 @@ def job_public(job: Job) -> schemas.JobPublic:
         device=job.device,
         error=error,
         attempts=job.attempts,
+        versions=job.versions,
         cancel_requested=job.cancel_requested,
         result_url=f"/v1/jobs/{job.id}/result" if job.status == "succeeded" else None,
         created_at=job.created_at,

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from tests.integration.stack import (
     SLOW_PARAMS,
@@ -74,6 +75,7 @@ def test_unlearning_one_step_and_refined(
         assert record["removed_indices"] == remove
     finished = alice.get(f"/v1/jobs/{one['id']}").json()
     assert finished["device"] == "cpu" and finished["timings"]
+    assert finished["versions"]["torch"] == torch.__version__ and finished["attempts"] == 1
     assert finished["started_at"] and finished["finished_at"]
 
 

@@ -32,6 +32,7 @@ def test_submit_answers_202_with_location_and_enqueues_after_commit(api, ids):
     assert api.enqueued.calls == [job["id"]]
     fetched = api.client.get(f"/v1/jobs/{job['id']}", headers=api.h()).json()
     assert fetched["progress"] == {"phase": "queued", "done": 0, "total": 0}
+    assert (fetched["attempts"], fetched["versions"]) == (0, None)
 
 
 def test_idempotency_key_returns_the_same_job(api, ids):
@@ -124,6 +125,7 @@ def test_result_is_409_until_succeeded_then_inline_and_artifacts(api, ids):
 
     job = api.client.get(f"/v1/jobs/{job_id}", headers=api.h()).json()
     assert job["status"] == "succeeded" and job["timings"] == {"solve": 0.25}
+    assert job["versions"] == {"torch": "x"} and job["attempts"] == 1
     result = api.client.get(f"/v1/jobs/{job_id}/result", headers=api.h()).json()
     assert result["small"] == [1.5, None]
     assert result["big"]["shape"] == [3000, 4] and result["big"]["dtype"] == "float64"
