@@ -6,7 +6,9 @@ job id is all the queue carries and any worker can take any job. Outcomes:
 - engine result -> `complete_job` (result, artifacts and new model in one transaction);
 - a cancel request seen at a progress or heartbeat check -> status `cancelled`;
 - `SpecError` -> failed `invalid_input`; `SolverDiverged` -> failed `solver_diverged`
-  with the residual; anything else -> failed `internal_error` (logged with traceback);
+  with the residual; any other `EngineError` (non-finite parameters or objective) ->
+  failed `numerical_error` with its message; anything else -> failed `internal_error`
+  (logged with traceback);
 - the worker process being stopped mid-job -> the job goes back to the queue (or fails
   after AFIF_MAX_ATTEMPTS), as the reconciler would do for a worker that died.
 """
@@ -27,7 +29,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from engine.errors import SolverDiverged, SpecError
+from engine.errors import EngineError, SolverDiverged, SpecError
 from engine.problem import Problem
 from engine.regularizers import make_regularizer
 from service.db import session_scope
@@ -115,6 +117,11 @@ def _execute(job: Job) -> None:
         message = f"{exc} (relative residual {residual})"
         logger.warning("job failed: solver diverged: %s", message)
         _fail(job.id, "solver_diverged", message)
+    except EngineError as exc:
+        # The engine's deliberate refusals (non-finite parameters or objectives, ...) say
+        # what to change (damping, regularization, solver); they are not our bugs.
+        logger.warning("job failed: numerical error: %s", exc)
+        _fail(job.id, "numerical_error", str(exc))
     except (KeyboardInterrupt, SystemExit):
         # The worker is being stopped: give the job back rather than leave it running.
         logger.warning("worker stopping mid-job; returning the job to the queue")

@@ -217,6 +217,32 @@ def test_diverging_solver_fails_with_its_residual(runtime: Path, fitted: Fitted)
     assert "residual" in (job.error_message or "")
 
 
+def test_non_finite_parameters_fail_as_a_numerical_error(
+    runtime: Path, fitted: Fitted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A solve that reports success but returns inf stands in for an overflow: the engine
+    # then refuses the non-finite parameters with a plain EngineError (not Spec/Diverged).
+    import torch
+
+    from engine import solvers
+    from engine import tasks as engine_tasks
+    from engine.errors import EngineError, SolverDiverged, SpecError
+
+    def infinite(op: Any, rhs: Any, *args: Any, **kwargs: Any) -> Any:
+        report = solvers.SolveReport(solver="exact", relative_residual=0.0, converged=True)
+        return torch.full_like(rhs, float("inf")), report
+
+    monkeypatch.setattr(engine_tasks, "solve", infinite)
+    job_id = make_job(fitted, "unlearning", {"remove": [0], "solver": "exact"})
+
+    tasks.run_job(job_id)
+
+    job = row(job_id)
+    assert (job.status, job.error_code) == ("failed", "numerical_error"), job.error_message
+    assert "non-finite" in (job.error_message or "")
+    assert not issubclass(EngineError, (SpecError, SolverDiverged))
+
+
 def test_lost_blob_fails_as_internal_error(runtime: Path, fitted: Fitted) -> None:
     job_id = make_job(fitted, "cv", {"folds": 2})
     with session_scope() as session:
