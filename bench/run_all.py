@@ -35,7 +35,8 @@ QUICK_FALLBACK: dict[str, list[str]] = {
 REQUIRED = {"bench_fairness_adult": "--adult-dir"}
 DEFAULT_RESULTS = {"bench_api": "api.json"}
 # Keys of a result JSON worth one line in the summary (ratios and headline numbers).
-HEADLINE = re.compile(r"ratio|_over_|spearman", re.IGNORECASE)
+# Matched against the dotted path of a value, e.g. runs.0.ratios.fused / fwd_rev.
+HEADLINE = re.compile(r"(^|[._])ratios?([._]|$)|_over_|spearman| / ", re.IGNORECASE)
 
 
 def _options_of(name: str) -> set[str]:
@@ -63,7 +64,7 @@ def _headlines(payload: Any, prefix: str = "") -> list[str]:
         for key, value in payload.items():
             path = f"{prefix}{key}"
             if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and HEADLINE.search(str(key)):
+                    and HEADLINE.search(path):
                 found.append(f"{path}={value:.3g}")
             elif isinstance(value, (dict, list)):
                 found.extend(_headlines(value, f"{path}."))
@@ -157,7 +158,7 @@ def main() -> int:
         headline = ""
         if code == 0 and result and result.exists() and result.stat().st_mtime != before:
             try:
-                headline = "; ".join(_headlines(json.loads(result.read_text()))[:3])
+                headline = "; ".join(_headlines(json.loads(result.read_text()))[:4])
             except (OSError, ValueError) as exc:
                 headline = f"unreadable result: {exc}"
         status = "ok" if code == 0 else ("timeout" if code == -1 else f"failed ({code})")
