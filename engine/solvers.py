@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 # Limitation: "exact" materializes d × d (d = 2000: 32 MB in float64) and, for the Hessian,
 # costs d products; above this size "auto" uses CG instead.
 AUTO_EXACT_MAX_D = 2000  # dense d × d solves are cheap and exact below this size
+# An exact solve counts as converged below max(1e-6, factor·eps(dtype)): 1e-6 in float64,
+# 1.2e-4 in float32, where a Cholesky solve of a condition-1e4 matrix already leaves ~1e-6.
+EXACT_TOL = 1e-6
+EXACT_TOL_EPS_FACTOR = 1e3
 CG_TOL = 1e-6  # relative residual at which CG stops
 CG_MAX_ITER = 1000  # products per column before CG gives up (not converged, not diverged)
 LISSA_DEPTH = 1000  # recursion steps J per repetition
@@ -73,12 +77,18 @@ def _columns(v: Tensor) -> Tensor:
     return v.unsqueeze(1) if v.dim() == 1 else v
 
 
+def _norm_floor(V: Tensor) -> Tensor:
+    """Column norms of V floored at the dtype's smallest normal number (1e-300 is 0 in
+    float32, and a zero right-hand side then gave 0/0)."""
+    return torch.clamp(torch.linalg.norm(V, dim=0), min=torch.finfo(V.dtype).tiny)
+
+
 def relative_residual(op: LinearOperator, x: Tensor, v: Tensor) -> float:
     """max over columns of ‖C x − v‖ / ‖v‖ (a zero column counts as solved when x is zero)."""
     X, V = _columns(x), _columns(v)
     res = torch.linalg.norm(_columns(op.matvec(X)) - V, dim=0)
     ref = torch.linalg.norm(V, dim=0)
-    rel = torch.where(ref > 0, res / torch.clamp(ref, min=1e-300), res)
+    rel = torch.where(ref > 0, res / _norm_floor(V), res)
     value = float(rel.max())
     return value if math.isfinite(value) else math.inf
 
@@ -165,7 +175,8 @@ def _exact(op: LinearOperator, rhs: Tensor) -> tuple[Tensor, SolveReport]:
     x = X[:, 0] if rhs.dim() == 1 else X
     report.iterations = 1
     report.relative_residual = _dense_residual(A, X, B)
-    report.converged = report.relative_residual < 1e-6
+    report.converged = report.relative_residual < max(
+        EXACT_TOL, EXACT_TOL_EPS_FACTOR * torch.finfo(A.dtype).eps)
     report.diverged = not math.isfinite(report.relative_residual)
     if report.diverged:
         report.message = "non-finite solution"
@@ -173,8 +184,8 @@ def _exact(op: LinearOperator, rhs: Tensor) -> tuple[Tensor, SolveReport]:
 
 
 def _dense_residual(A: Tensor, X: Tensor, B: Tensor) -> float:
-    res = torch.linalg.norm(A @ X - B, dim=0) / torch.clamp(torch.linalg.norm(B, dim=0),
-                                                             min=1e-300)
+    res = torch.linalg.norm(A @ X - B, dim=0)
+    res = torch.where(torch.linalg.norm(B, dim=0) > 0, res / _norm_floor(B), res)
     value = float(res.max())
     return value if math.isfinite(value) else math.inf
 
@@ -226,7 +237,7 @@ def _cg(op: LinearOperator, rhs: Tensor, tol: float = CG_TOL, max_iter: int = CG
     Z = precondition(R)
     P = Z.clone()
     rz = (R * Z).sum(0)
-    bnorm = torch.clamp(torch.linalg.norm(B, dim=0), min=1e-300)
+    bnorm = _norm_floor(B)
     active = torch.linalg.norm(R, dim=0) / bnorm > tol
     history: list[float] = []
 
@@ -302,7 +313,7 @@ def _lissa(op: LinearOperator, rhs: Tensor, depth: int = LISSA_DEPTH, repeats: i
     free_residual = exact_products and repeats == 1 and damping == 0.0
 
     V = _columns(rhs)
-    vnorm = torch.clamp(torch.linalg.norm(V, dim=0), min=1e-300)
+    vnorm = _norm_floor(V)
     total = torch.zeros_like(V)
     best = math.inf
     for r in range(repeats):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -203,3 +204,22 @@ def test_exact_indefinite_float32_keeps_small_regularized_eigenvalues() -> None:
     assert report.relative_residual < 1e-2  # float32 products at condition 1e5
     got = x.double().numpy()
     assert np.linalg.norm(got - expected) <= 2e-2 * np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_right_hand_side_column_is_solved_not_diverged(solver: str, dtype) -> None:
+    # Leave-one-out of a row with p − y == 0 in float32 gives an exactly zero column.
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    A = (q * np.linspace(1.0, 2.0, 6)) @ q.T
+    B = np.zeros((6, 2))
+    B[:, 1] = rng.normal(size=6)
+
+    x, report = solve(DenseOperator(torch.tensor(A, dtype=dtype)), torch.tensor(B, dtype=dtype),
+                      solver=solver, **({"tol": 1e-5} if solver != "exact" else {}))
+
+    assert not report.diverged and math.isfinite(report.relative_residual)
+    assert torch.all(x[:, 0] == 0)
+    np.testing.assert_allclose(x[:, 1].double().numpy(), np.linalg.solve(A, B[:, 1]),
+                               rtol=1e-3, atol=1e-4)
