@@ -46,6 +46,7 @@ from engine.operators import (
     dense_matrix,
     loss_directional_derivatives,
     mean_gradient,
+    per_sample_gradients,
 )
 from engine.problem import Problem
 from engine.prox import PROX_MAX_ITER, PROX_TOL, fisher_prox
@@ -71,6 +72,12 @@ PROX_MAX_ITER_MATFREE = PROX_MAX_ITER
 PROX_TOL_MATFREE = PROX_TOL
 # Safety factor on λ_max(M) for the step size 1/L when M is dense (exact eigenvalue).
 PROX_LIPSCHITZ_MARGIN = 1.01
+# A model is flagged as not trained to a minimizer when ‖∇L(θ̂)‖ exceeds this fraction of
+# a typical per-row gradient norm (a converged fit sits orders of magnitude below it).
+STATIONARITY_WARN_RATIO = 1e-3
+# Rows sampled (and rows per vmapped chunk) to estimate the typical per-row gradient norm.
+STATIONARITY_SAMPLE_ROWS = 16
+STATIONARITY_CHUNK_ROWS = 4
 
 
 # ---------------------------------------------------------------------------------
@@ -407,10 +414,46 @@ def _influence_of(problem: Problem, curvature: _Curvature, grads: Tensor, timer:
     return direction, scores
 
 
+def _stationarity_check(problem: Problem) -> tuple[dict[str, float], list[str]]:
+    """How far θ̂ is from a minimizer of L(θ; 1), against a typical per-row gradient.
+
+    Every task linearizes around a minimizer; a checkpoint taken mid-training (or never
+    trained) makes scores and steps carry the pull toward the true minimizer. Returns
+    `stationarity` (see `_stationarity`), `stationarity_ratio` (that over the rms of
+    ‖g_i‖ on a few sampled rows) and a warning when the ratio is large.
+    """
+    gap = _stationarity(problem, torch.ones(problem.n, dtype=problem.dtype,
+                                            device=problem.device))
+    rows = torch.randperm(problem.n, generator=torch.Generator().manual_seed(0))
+    rows = rows[:STATIONARITY_SAMPLE_ROWS].to(problem.device)
+    squares = [per_sample_gradients(problem, chunk).square().sum(dim=1)
+               for chunk in rows.split(STATIONARITY_CHUNK_ROWS)]
+    typical = float(torch.cat(squares).mean().sqrt())
+    ratio = gap / typical if typical > 0 else (0.0 if gap == 0 else math.inf)
+    warnings = []
+    if ratio > STATIONARITY_WARN_RATIO:
+        warnings.append(
+            f"the model is not at a minimizer of its training objective: the gradient norm "
+            f"at its parameters is {gap:.3g}, {ratio:.2g} times a typical per-row gradient; "
+            f"influence assumes a trained optimum, so train to convergence (or unlearn "
+            f"with refine_steps) before trusting these numbers")
+        logger.warning("%s", warnings[-1])
+    return {"stationarity": gap, "stationarity_ratio": ratio}, warnings
+
+
 def _finish(values: dict[str, Any], arrays: Mapping[str, Tensor | np.ndarray], timer: PhaseTimer,
             problem: Problem, curvature: _Curvature,
             parameters: dict[str, Tensor] | None = None) -> TaskResult:
-    values = {**curvature.convergence(), **values}
+    convergence = curvature.convergence()
+    with timer.phase("diagnostics"):
+        stationarity, warnings = _stationarity_check(problem)
+    if not convergence["converged"]:
+        warnings.append(
+            f"a linear solve did not converge (largest relative residual "
+            f"{convergence['max_relative_residual']}); raise the solver's iterations or "
+            f"add damping")
+    values = {**convergence, **stationarity, **values,
+              "warnings": [*values.get("warnings", []), *warnings]}
     numpy_arrays = {k: (v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v))
                     for k, v in arrays.items()}
     return TaskResult(values=values, arrays=numpy_arrays, parameters=parameters,

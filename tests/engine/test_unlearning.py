@@ -283,3 +283,21 @@ def test_convergence_is_reported_at_the_top_level_and_warned(cancer, caplog):
     assert short.values["max_relative_residual"] == pytest.approx(residual, rel=1e-6)
     assert residual > 1e-3
     assert any("did not converge" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_away_from_its_minimizer_is_flagged(cancer):
+    """Influence linearizes at a minimizer: an optimum passes quietly, a half-trained
+    checkpoint (the optimum pushed by a numpy-chosen offset) gets a warning with its
+    gradient norm, which must equal the numpy gradient of the objective there."""
+    X, y, theta = cancer
+    at_optimum = unlearn(linear_problem(X, y, theta, "bernoulli", "l2", LAM), [3])
+    assert at_optimum.values["warnings"] == []
+    assert at_optimum.values["stationarity_ratio"] < 1e-6
+
+    moved = theta + 0.5 * np.random.default_rng(0).standard_normal(theta.shape)
+    result = unlearn(linear_problem(X, y, moved, "bernoulli", "l2", LAM), [3])
+    p = 1.0 / (1.0 + np.exp(-(X @ moved[:-1] + moved[-1])))
+    grad = np.r_[X.T @ (p - y) / len(y) + LAM * moved[:-1], np.mean(p - y)]
+    assert result.values["stationarity"] == pytest.approx(np.linalg.norm(grad), rel=1e-6)
+    assert len(result.values["warnings"]) == 1
+    assert "not at a minimizer" in result.values["warnings"][0]
