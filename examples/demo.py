@@ -24,6 +24,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client import Client  # noqa: E402
+from client import Client, Job  # noqa: E402
 from client.stack import LocalStack  # noqa: E402
 
 C = 1.0  # scikit-learn's inverse regularization; the engine's λ is 1/(n·C)
@@ -118,7 +119,7 @@ def run(client: Client) -> None:
     # --- attribution ------------------------------------------------------------------
     heading("attribution: which training rows matter for the mean test loss")
     job = client.submit("attribution", model=model, dataset=train, test_dataset=test, top_k=5)
-    res = job.wait(progress=True).result()
+    res = _outcome(job)
     scores = np.asarray(res["scores"], dtype=np.float64)
     order = np.argsort(scores)
     print(f"job {job.id}: {job.status} in {_total(job)}; convention: "
@@ -140,7 +141,7 @@ def run(client: Client) -> None:
     heading("unlearning: remove the 10 most harmful rows without retraining")
     remove = np.sort(order[:10])
     job = client.submit("unlearning", model=model, dataset=train, remove=remove.tolist())
-    res = job.wait(progress=True).result()
+    res = _outcome(job)
     new = client.download_model(res["model_id"])
     theta_new = torch.cat([p.detach().double().ravel() for p in new.parameters()]).numpy()
     retrained = fit_logreg(d["X_tr"], d["y_tr"], without(n, remove))
@@ -156,7 +157,7 @@ def run(client: Client) -> None:
     # Further Newton steps on the weighted objective (refine_steps) close the remaining gap.
     job = client.submit("unlearning", model=model, dataset=train, remove=remove.tolist(),
                         refine_steps=2)
-    refined = client.download_model(job.wait(progress=True).result()["model_id"])
+    refined = client.download_model(_outcome(job)["model_id"])
     theta_ref = torch.cat([p.detach().double().ravel() for p in refined.parameters()]).numpy()
     print(f"  with refine_steps=2 (job {job.id[:8]}, {_total(job)}): distance to exact "
           f"retraining {np.linalg.norm(theta_ref - theta_star):.2e} (float32 weights)")
@@ -165,7 +166,7 @@ def run(client: Client) -> None:
     heading(f"fairness: demographic parity between '{SENSITIVE_FEATURE}' groups")
     job = client.submit("fairness", model=model, dataset=train,
                         metric="demographic_parity", unlearn=True)
-    res = job.wait(progress=True).result()
+    res = _outcome(job)
     print(f"job {job.id}: {job.status} in {_total(job)}")
     print(f"  parity gap  {res['metric_before']:.4f} -> {res['metric_after']:.4f}")
     if "accuracy_before" in res:
@@ -181,7 +182,7 @@ def run(client: Client) -> None:
     # --- cross-validation -------------------------------------------------------------
     heading("approximate 5-fold cross-validation (no retraining)")
     job = client.submit("cv", model=model, dataset=train, folds=5, seed=0)
-    res = job.wait(progress=True).result()
+    res = _outcome(job)
     print(f"job {job.id}: {job.status} in {_total(job)}")
     exact = []
     print("  fold  rows  approx loss  retrained loss")
@@ -192,6 +193,15 @@ def run(client: Client) -> None:
         print(f"  {f:4d}  {len(idx):4d}  {fold['loss']:11.4f}  {exact[-1]:14.4f}")
     print(f"  estimate {res['estimate']:.4f}, exact retrained CV {np.mean(exact):.4f}, "
           f"test loss {base:.4f}")
+
+
+def _outcome(job: Job) -> dict[str, Any]:
+    """Wait for the job and return its result, first printing any warning the engine gave
+    (a model far from its optimum, a solve that did not converge)."""
+    res = job.wait(progress=True).result()
+    for warning in res.get("warnings") or []:
+        print(f"  warning: {warning}")
+    return res
 
 
 def _total(job: object) -> str:
