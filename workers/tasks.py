@@ -26,8 +26,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from engine.errors import EngineError, SolverDiverged, SpecError
 from engine.problem import Problem
@@ -86,7 +87,7 @@ def _execute(job: Job) -> None:
         new_model = None
         if result.parameters is not None and outcome.removed is not None:
             new_model = {
-                "weights": safetensors.torch.save(_contiguous(result.parameters)),
+                "weights": save_safetensors(_contiguous(result.parameters)),
                 "removed_indices": outcome.removed,
             }
         beat.check_cancelled()
@@ -264,7 +265,7 @@ def load_inputs(job: Job, params: Any, beat: Beat) -> Inputs:
         raise SpecError("the job's model or dataset no longer exists")
 
     beat.progress("load", 0, 2)
-    weights = safetensors.torch.load(store.get(model.sha256, verify=True))
+    weights = load_safetensors(store.get(model.sha256, verify=True))
     train = load_npz(store.get(dataset.sha256, verify=True))
     beat.progress("load", 1, 2)
 
