@@ -10,6 +10,7 @@ import torch
 from engine.problem import Problem
 from engine.regularizers import make_regularizer
 from engine.spec import build_model
+from tests.engine import oracles
 from tests.engine.oracles import TinyMLP
 
 
@@ -41,3 +42,18 @@ def mlp_problem(oracle: TinyMLP, theta: np.ndarray, activation: str = "tanh") ->
     model.load_state_dict(oracle.state_dict(theta))
     return Problem(model, "bernoulli", make_regularizer("l2", oracle.lam),
                    oracle.X.numpy(), oracle.y.numpy(), batch_size=512, device="cpu")
+
+
+def cancer_logistic_split(n_train: int, lam: float) -> tuple[np.ndarray, ...]:
+    """Standardized breast_cancer split by a seeded permutation into n_train training rows
+    and the rest held out, with the L2 logistic optimum (unpenalized intercept) on the
+    training rows from the oracle: (X, y, X_test, y_test, θ̂)."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X, y = StandardScaler().fit_transform(X), y.astype(float)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, test = order[:n_train], order[n_train:]
+    theta = oracles.fit_logistic(X[train], y[train], lam, penalize_bias=False)
+    return X[train], y[train], X[test], y[test], theta

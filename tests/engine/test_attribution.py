@@ -6,25 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.preprocessing import StandardScaler
+from sklearn.datasets import load_digits
 
 from engine.errors import SpecError
 from engine.tasks import attribute
 from tests.engine import oracles
-from tests.engine.task_problems import linear_problem, mlp_problem
+from tests.engine.task_problems import cancer_logistic_split, linear_problem, mlp_problem
 
 LAM = 1e-2
 
 
 @pytest.fixture(scope="module")
 def cancer_split():
-    X, y = load_breast_cancer(return_X_y=True)
-    X, y = StandardScaler().fit_transform(X), y.astype(float)
-    order = np.random.default_rng(0).permutation(len(y))
-    train, test = order[:420], order[420:]
-    theta = oracles.fit_logistic(X[train], y[train], LAM, penalize_bias=False)
-    return X[train], y[train], X[test], y[test], theta
+    return cancer_logistic_split(420, LAM)
 
 
 @pytest.fixture(scope="module")

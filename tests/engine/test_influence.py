@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_breast_cancer, load_diabetes
+from sklearn.datasets import load_diabetes
 from sklearn.preprocessing import StandardScaler
 
 from engine.errors import SpecError
 from engine.tasks import fairness, influence
 from tests.engine import oracles
-from tests.engine.task_problems import linear_problem
+from tests.engine.task_problems import cancer_logistic_split, linear_problem
 
 LAM = 1e-2
 
@@ -19,12 +19,7 @@ LAM = 1e-2
 @pytest.fixture(scope="module")
 def cancer_split():
     """breast_cancer: 400 training rows at the L2 logistic optimum, 169 held-out rows."""
-    X, y = load_breast_cancer(return_X_y=True)
-    X, y = StandardScaler().fit_transform(X), y.astype(float)
-    order = np.random.default_rng(0).permutation(len(y))
-    train, test = order[:400], order[400:]
-    theta = oracles.fit_logistic(X[train], y[train], LAM, penalize_bias=False)
-    return X[train], y[train], X[test], y[test], theta
+    return cancer_logistic_split(400, LAM)
 
 
 def _dense_scores(X, y, theta, grad_T) -> np.ndarray:
