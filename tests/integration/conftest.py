@@ -13,6 +13,7 @@ from tests.integration.stack import (
     Stack,
     Uploaded,
     make_fitted,
+    running_stack,
     stack_env,
     upload_dataset,
     upload_model,
@@ -22,14 +23,8 @@ from tests.integration.stack import (
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("afif-data")
-    running = Stack(data_dir=data_dir, env=stack_env(data_dir))
-    running.start()
-    try:
+    with running_stack(data_dir, stack_env(data_dir)) as running:
         yield running
-    finally:
-        if running.process is not None and running.process.poll() is None:
-            code = running.stop()
-            assert code == 0, f"afif up exited {code} on SIGTERM:\n{running.log()}"
 
 
 @pytest.fixture(scope="module")

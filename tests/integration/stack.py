@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,19 @@ class Stack:
     def create_key(self, tenant: str) -> str:
         out = afif("keys", "create", "--tenant", tenant, env=self.env).stdout
         return out.strip().splitlines()[-1]
+
+
+@contextlib.contextmanager
+def running_stack(data_dir: Path, env: dict[str, str]) -> Iterator[Stack]:
+    """Start `afif up`, yield it, and check that it stops cleanly on SIGTERM."""
+    running = Stack(data_dir=data_dir, env=env)
+    running.start()
+    try:
+        yield running
+    finally:
+        if running.process is not None and running.process.poll() is None:
+            code = running.stop()
+            assert code == 0, f"afif up exited {code} on SIGTERM:\n{running.log()}"
 
 
 def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -239,6 +253,14 @@ SLOW_PARAMS: dict[str, Any] = {
     "method": "hessian",
     "solver": "lissa",
     "solver_options": {"depth": 400, "repeats": 1, "batch_size": 400, "check_every": 0},
+}
+
+# Far too long to finish while a test cancels or signals its worker: with tol 0 LiSSA never
+# stops early, so it would run all 10⁷ terms. Tests cancel it once it has shown what they
+# need, so a cancel can never race with the job's own end.
+ENDLESS_PARAMS: dict[str, Any] = {
+    **SLOW_PARAMS,
+    "solver_options": {**SLOW_PARAMS["solver_options"], "depth": 10_000_000, "tol": 0.0},
 }
 
 

@@ -27,6 +27,7 @@ from sqlalchemy import create_engine, text
 
 from service.queue import EmbeddedRedis, rq_job_id
 from tests.integration.stack import (
+    ENDLESS_PARAMS,
     REPO,
     SLOW_PARAMS,
     Fitted,
@@ -294,12 +295,6 @@ def test_queued_job_waits_for_a_worker_and_survives_an_api_restart(
     assert carol.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 1
     worker.terminate()
     assert worker.wait(timeout=30) == 0
-
-
-# Far too long to finish while the test signals the worker: with tol 0 LiSSA never stops
-# early, so it runs all 10⁷ terms. The test cancels it once it has shown what it needs.
-ENDLESS_PARAMS = {**SLOW_PARAMS, "solver_options": {**SLOW_PARAMS["solver_options"],
-                                                    "depth": 10_000_000, "tol": 0.0}}
 
 
 def test_twice_terminated_worker_hands_its_job_back(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.integration.stack import (
-    SLOW_PARAMS,
+    ENDLESS_PARAMS,
     Fitted,
     Stack,
     Uploaded,
@@ -226,7 +226,7 @@ def test_labels_that_do_not_fit_the_family_are_refused(
 
 
 def test_cancel_a_running_job(alice: httpx.Client, uploaded: Uploaded) -> None:
-    job = submit(alice, "unlearning", uploaded, **SLOW_PARAMS)
+    job = submit(alice, "unlearning", uploaded, **ENDLESS_PARAMS)
     wait_for(alice, job["id"], {"running"} | {"succeeded", "failed", "cancelled"})
     answer = alice.post(f"/v1/jobs/{job['id']}/cancel")
     assert answer.status_code in (200, 202), answer.text

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import PgServer
-from tests.integration.stack import Stack, stack_env
+from tests.integration.stack import Stack, running_stack, stack_env
 
 # Collected here a second time, with this module's `stack` fixture.
 from tests.integration.test_jobs import (  # noqa: F401
@@ -31,12 +31,9 @@ def stack(
     name = f"stack_{uuid.uuid4().hex[:12]}"
     pg_server.execute(f"CREATE DATABASE {name}")
     data_dir = tmp_path_factory.mktemp("afif-data-pg")
-    running = Stack(data_dir=data_dir, env=stack_env(data_dir, DATABASE_URL=pg_server.url(name)))
-    running.start()
+    env = stack_env(data_dir, DATABASE_URL=pg_server.url(name))
     try:
-        yield running
+        with running_stack(data_dir, env) as running:
+            yield running
     finally:
-        if running.process is not None and running.process.poll() is None:
-            code = running.stop()
-            assert code == 0, f"afif up exited {code} on SIGTERM:\n{running.log()}"
         pg_server.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
