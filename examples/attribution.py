@@ -151,9 +151,7 @@ def _grid(d: dict[str, np.ndarray], worst: np.ndarray, results: dict[str, dict[s
             ax.set_xticks([])
             ax.set_yticks([])
     fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.02, wspace=0.1, hspace=0.6)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=GRID_DPI)
-    plt.close(fig)
+    common.save_figure(fig, path, GRID_DPI, tight=False)
 
 
 def _agreement(F: np.ndarray, H: np.ndarray, path: Path) -> None:
@@ -164,9 +162,7 @@ def _agreement(F: np.ndarray, H: np.ndarray, path: Path) -> None:
     ax.set_xlabel("Hessian score")
     ax.set_ylabel("Fisher score")
     ax.set_title("per (training image, test image) scores")
-    fig.tight_layout()
-    fig.savefig(path, dpi=GRID_DPI)
-    plt.close(fig)
+    common.save_figure(fig, path, GRID_DPI)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,13 +13,16 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from client import Client
 from client.stack import LocalStack
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,3 +156,15 @@ class Stopwatch:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+def save_figure(fig: Figure, path: Path, dpi: int, tight: bool = True) -> None:
+    """Write `fig` as a PNG at `path` (folders made as needed) and release it; `tight`
+    applies tight_layout first (off for figures laid out by hand to an exact size)."""
+    import matplotlib.pyplot as plt
+
+    if tight:
+        fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

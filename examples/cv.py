@@ -160,10 +160,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     ax.set_ylabel("mean log-loss")
     ax.set_title(f"leave-k-out CV estimates vs test loss ({name})")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=FIG_DPI)
-    plt.close(fig)
+    common.save_figure(fig, path, FIG_DPI)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,10 +150,7 @@ def _plot(rows: list[dict[str, Any]], metric: str, utility_name: str, path: Path
     ax2.bar(names, [r["seconds"] for r in rows], color=[colors[n] for n in names])
     ax2.set_ylabel("seconds")
     ax2.set_title("ERM training vs fairness job (engine time)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=FIG_DPI)
-    plt.close(fig)
+    common.save_figure(fig, path, FIG_DPI)
 
 
 def main(argv: list[str] | None = None) -> int:

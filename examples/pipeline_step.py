@@ -132,10 +132,7 @@ def _plot(before: float, after: float, threshold: float, metric: str, path: Path
     ax.axhline(threshold, color="red", ls="--", label=f"threshold {threshold}")
     ax.set_ylabel(metric)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=FIG_DPI)
-    plt.close(fig)
+    common.save_figure(fig, path, FIG_DPI)
 
 
 if __name__ == "__main__":
